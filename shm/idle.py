@@ -68,7 +68,9 @@ class BackoffIdle:
 
     name = "backoff"
 
-    def __init__(self, *, spins: int = 50, yields: int = 20, min_sleep_us: int = 20, max_sleep_us: int = 1000) -> None:
+    def __init__(
+        self, *, spins: int = 50, yields: int = 20, min_sleep_us: int = 20, max_sleep_us: int = 1000
+    ) -> None:
         self._spins = spins
         self._yields = yields
         self._min_s = min_sleep_us / 1e6
@@ -171,5 +173,11 @@ def make_idle(
     if name == "block":
         if not readers:
             return BackoffIdle()
-        return BlockIdle(namespace=namespace, bell_id=bell_id, readers=readers, stats=stats, timeout_ms=timeout_ms)
+        return BlockIdle(
+            namespace=namespace,
+            bell_id=bell_id,
+            readers=readers,
+            stats=stats,
+            timeout_ms=timeout_ms,
+        )
     raise ValueError(f"unknown idle strategy {name!r}; expected one of {', '.join(NAMES)}")

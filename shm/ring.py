@@ -103,7 +103,13 @@ def doorbell_name(namespace: str, bell_id: int) -> str:
 
 
 def create_ring(
-    namespace: str, name: str, dtype: np.dtype, capacity: int, *, readers: int = 1, policy: int = LOSSY
+    namespace: str,
+    name: str,
+    dtype: np.dtype,
+    capacity: int,
+    *,
+    readers: int = 1,
+    policy: int = LOSSY,
 ) -> segment.Segment:
     """Create the segment of a ring (the supervisor does this; stages attach)."""
     layout = RingLayout(capacity, dtype.itemsize, readers)
@@ -129,9 +135,10 @@ class _RingBase:
         self.policy: int = policy
         self.n_readers: int = n_readers
         buf = seg.payload
-        self._wc = buf[LINE : LINE + 8].cast("q")
+        self._wc = buf[LINE : LINE + 16].cast("q")  # [0] published cursor, [1] claim
         self._rl = [
-            buf[self.layout.reader_line(i) : self.layout.reader_line(i) + LINE].cast("q") for i in range(n_readers)
+            buf[self.layout.reader_line(i) : self.layout.reader_line(i) + LINE].cast("q")
+            for i in range(n_readers)
         ]
         self._bytes = buf[self.layout.slots : self.layout.slots + capacity * slot_size]
         self.slots = np.frombuffer(self._bytes, dtype=dtype, count=capacity)
@@ -179,7 +186,7 @@ class RingWriter(_RingBase):
         self._min_read = self._slowest()
         return self.capacity - (self._w - self._min_read)
 
-    def offer(self, rec: bytes | memoryview) -> bool:
+    def offer(self, rec: bytes | bytearray | memoryview) -> bool:
         """Write one record given as its raw bytes; False if a lossless ring is full."""
         w = self._w
         if self.policy == LOSSLESS and w - self._min_read >= self.capacity:
@@ -187,6 +194,8 @@ class RingWriter(_RingBase):
             if w - self._min_read >= self.capacity:
                 return False
         off = (w & self.mask) * self.slot_size
+        if self.policy == LOSSY:
+            self._wc[1] = w + 1  # claim first: a reader that copied this slot will see it
         self._bytes[off : off + self.slot_size] = rec
         w += 1
         self._wc[0] = w  # publish: an aligned 8-byte store, ordered after the slot by TSO
@@ -210,6 +219,8 @@ class RingWriter(_RingBase):
             recs = recs[n - self.capacity :]
             n = self.capacity
         w = self._w
+        if self.policy == LOSSY:
+            self._wc[1] = w + n
         i = w & self.mask
         first = min(n, self.capacity - i)
         self.slots[i : i + first] = recs[:first]
@@ -221,7 +232,7 @@ class RingWriter(_RingBase):
         self._ring_bells()
         return n
 
-    def put(self, rec: bytes | memoryview, wait: Callable[[], None]) -> None:
+    def put(self, rec: bytes | bytearray | memoryview, wait: Callable[[], None]) -> None:
         """Write one record, calling ``wait`` while a lossless ring is full (back-pressure)."""
         while not self.offer(rec):
             wait()
@@ -250,7 +261,10 @@ class RingWriter(_RingBase):
                 sem = self._bells.get(bell)
                 if sem is None:
                     sem = posix_ipc.Semaphore(
-                        doorbell_name(self._namespace, bell), posix_ipc.O_CREAT, mode=0o600, initial_value=0
+                        doorbell_name(self._namespace, bell),
+                        posix_ipc.O_CREAT,
+                        mode=0o600,
+                        initial_value=0,
                     )
                     self._bells[bell] = sem
                 line[R_SLEEPING] = 0
@@ -260,10 +274,14 @@ class RingWriter(_RingBase):
 class RingReader(_RingBase):
     """One reader of a ring; its cursor lives in the segment so a restarted reader resumes."""
 
-    def __init__(self, seg: segment.Segment, dtype: np.dtype, reader: int = 0, *, pid: int = 0) -> None:
+    def __init__(
+        self, seg: segment.Segment, dtype: np.dtype, reader: int = 0, *, pid: int = 0
+    ) -> None:
         super().__init__(seg, dtype)
         if not 0 <= reader < self.n_readers:
-            raise ValueError(f"ring {seg.name} has {self.n_readers} readers; index {reader} is out of range")
+            raise ValueError(
+                f"ring {seg.name} has {self.n_readers} readers; index {reader} is out of range"
+            )
         self.reader = reader
         self._line = self._rl[reader]
         self._r: int = int(self._line[R_CURSOR])
@@ -303,9 +321,9 @@ class RingReader(_RingBase):
         off = (r & self.mask) * self.slot_size
         rec = bytes(self._bytes[off : off + self.slot_size])  # copy before releasing the slot
         if self.policy == LOSSY:
-            w2 = int(self._wc[0])
-            if w2 - self.capacity >= r:  # the writer may have been inside this slot
-                self._skip_overrun(w2)
+            claim = int(self._wc[1])
+            if claim - self.capacity > r:  # the writer may have been inside this slot
+                self._skip_overrun(claim)
                 self._r = max(self._r, r + 1)
                 self._line[R_CURSOR] = self._r
                 return self.poll()
@@ -316,11 +334,9 @@ class RingReader(_RingBase):
     def read_into(self, out: np.ndarray) -> int:
         """Copy up to ``len(out)`` waiting records into ``out``; return how many."""
         r = self._r
-        w = self._w_cache
+        w = self._w_cache = int(self._wc[0])
         if r >= w:
-            w = self._w_cache = int(self._wc[0])
-            if r >= w:
-                return 0
+            return 0
         if self.policy == LOSSY and w - r > self.capacity:
             self._skip_overrun(w)
             r = self._r
@@ -331,8 +347,10 @@ class RingReader(_RingBase):
         if first < n:
             out[first:n] = self.slots[: n - first]
         if self.policy == LOSSY:
-            w2 = int(self._wc[0])
-            torn = w2 - self.capacity + 1 - r  # records at positions <= w2 - capacity may be torn
+            # The writer announces the end of what it is writing (the claim) before touching a
+            # slot; positions below claim - capacity may have been overwritten while we copied.
+            w2 = int(self._wc[1])
+            torn = w2 - self.capacity - r
             if torn > 0:
                 torn = min(torn, n)
                 self.dropped += torn
@@ -340,8 +358,6 @@ class RingReader(_RingBase):
                     out[: n - torn] = out[torn:n].copy()
                 n -= torn
                 r += torn
-                if w2 > self._w_cache:
-                    self._w_cache = w2
         r += n
         self._r = r
         self._line[R_CURSOR] = r

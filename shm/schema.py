@@ -40,7 +40,11 @@ SIDE_SELL: Final = -1
 STYLE_TAKER_NOW: Final = 1  # IOC, crosses the spread
 STYLE_SNIPER: Final = 2  # joins the best bid/offer
 STYLE_MAKER_PASSIVE: Final = 3  # post-only, rests behind the touch
-STYLE_NAMES: Final = {STYLE_TAKER_NOW: "TakerNow", STYLE_SNIPER: "Sniper", STYLE_MAKER_PASSIVE: "MakerPassive"}
+STYLE_NAMES: Final = {
+    STYLE_TAKER_NOW: "TakerNow",
+    STYLE_SNIPER: "Sniper",
+    STYLE_MAKER_PASSIVE: "MakerPassive",
+}
 
 TIF_IOC: Final = 1
 TIF_GTC: Final = 2

@@ -163,9 +163,20 @@ def create(namespace: str, name: str, size: int, kind: int) -> Segment:
         mm = mmap.mmap(mem.fd, total)
     finally:
         mem.close_fd()
-    header = Header(MAGIC, schema.LAYOUT_VERSION, schema.fingerprint(), os.getpid(), time.time_ns(), kind, size)
+    header = Header(
+        MAGIC, schema.LAYOUT_VERSION, schema.fingerprint(), os.getpid(), time.time_ns(), kind, size
+    )
     _HEADER.pack_into(
-        mm, 0, header.magic, header.version, header.fingerprint, header.owner_pid, header.created_ns, kind, 0, size
+        mm,
+        0,
+        header.magic,
+        header.version,
+        header.fingerprint,
+        header.owner_pid,
+        header.created_ns,
+        kind,
+        0,
+        size,
     )
     return Segment(full, mm, header, owner=True)
 

@@ -70,7 +70,9 @@ def upper_bounds_ns() -> np.ndarray:
 
 def create_stats(namespace: str) -> segment.Segment:
     """Create the stats segment (one block per stage slot)."""
-    return segment.create(namespace, "stats", N_BLOCKS * schema.STAGE_STATS.itemsize, segment.KIND_STATS)
+    return segment.create(
+        namespace, "stats", N_BLOCKS * schema.STAGE_STATS.itemsize, segment.KIND_STATS
+    )
 
 
 class StageStats:

@@ -1,0 +1,155 @@
+"""The ``hft`` command: one entry point for running, watching and maintaining the engine.
+
+    hft paper [--duration S] [--config PATH] [--summary PATH] [--namespace NS]
+    hft monitor [--once] [--json] [--interval S]
+    hft exporter | hft sim ... | hft cleanup
+
+Exit codes: 0 success, 1 runtime failure, 2 wrong usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stages import config, log
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default=str(config.DEFAULT_CONFIG), help="engine TOML (default: %(default)s)"
+    )
+    p.add_argument(
+        "--namespace", default=None, help="shared-memory namespace (default: engine.namespace)"
+    )
+
+
+def _load(args: argparse.Namespace, **overrides: dict[str, object]) -> config.Config:
+    ov: dict[str, dict[str, object]] = {k: dict(v) for k, v in overrides.items()}
+    if getattr(args, "namespace", None):
+        ov.setdefault("engine", {})["namespace"] = args.namespace
+    return config.load(args.config, overrides=ov)
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    from ops.supervisor import Supervisor, is_running
+
+    if args.duration is not None and not args.duration > 0:
+        print("hft paper: --duration must be a positive number of seconds", file=sys.stderr)
+        return 2
+    cfg = _load(args, engine={"mode": "paper"})
+    pid = is_running(cfg.engine.namespace)
+    if pid:
+        print(
+            f"hft paper: an engine already runs in namespace {cfg.engine.namespace!r} (supervisor pid {pid}); "
+            "stop it or pass --namespace",
+            file=sys.stderr,
+        )
+        return 1
+    log.setup("supervisor")
+    sup = Supervisor(
+        cfg,
+        config_path=args.config,
+        duration_s=args.duration,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        summary_path=Path(args.summary) if args.summary else None,
+    )
+    return sup.run()
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    print(
+        f"hft {args.cmd}: not available yet: this build trades in paper mode only "
+        "(live order entry and backtests come with their own gateways); use ./run.sh paper",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from ops import monitor
+
+    return monitor.main(args.rest)
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from ops import exporter
+
+    return exporter.main(args.rest)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from ops import sim
+
+    return sim.main(args.rest)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from shm import segment
+
+    stale = segment.find_stale(args.namespace)
+    namespaces = sorted({name.split(".")[1] for name in stale})
+    n = sum(segment.unlink_all(ns) for ns in namespaces)
+    print(
+        f"removed {n} stale segments and semaphores"
+        + (f" in {', '.join(namespaces)}" if namespaces else "")
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hft", description="Low-latency trading pipeline")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    pp = sub.add_parser(
+        "paper", help="trade on paper against the configured feed (default: the embedded sim)"
+    )
+    _add_config(pp)
+    pp.add_argument(
+        "--duration", type=float, default=None, help="stop by itself after this many seconds"
+    )
+    pp.add_argument("--summary", default=None, help="write the run summary as JSON to this path")
+    pp.add_argument(
+        "--log-dir", default=None, help="where stage logs go (default: a new temporary directory)"
+    )
+    pp.set_defaults(func=cmd_paper)
+
+    for name in ("live", "backtest", "terminal"):
+        sp = sub.add_parser(name, help=f"{name} (not available in this build)")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=cmd_not_yet)
+
+    for name, func, help_ in (
+        (
+            "monitor",
+            cmd_monitor,
+            "per-stage latency, CPU and ring monitor (--once --json for scripts)",
+        ),
+        ("exporter", cmd_exporter, "serve Prometheus metrics for a running engine"),
+        ("sim", cmd_sim, "run the embedded market simulator on its own"),
+    ):
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=func)
+
+    cp = sub.add_parser("cleanup", help="remove shared memory left behind by crashed engines")
+    cp.add_argument("--namespace", default=None)
+    cp.set_defaults(func=cmd_cleanup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except config.ConfigError as exc:
+        print(f"hft {args.cmd}: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

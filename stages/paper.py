@@ -1,0 +1,222 @@
+"""The paper exchange: simulated fills against the live book, with fees.
+
+Rules (first version; the queue-position model comes with the trading issue):
+- A taker (IOC) order walks the book from the touch up to its limit price, one fill per
+  level, paying the taker fee; what the book cannot fill is cancelled (``EV_EXPIRED``). The
+  liquidity it took is removed from our copy of the book until the next snapshot replaces it,
+  so two orders in a row do not both take the same level.
+- A post-only order that would cross is rejected; otherwise it rests (``EV_ACK``).
+- A GTC limit that crosses takes liquidity like a taker up to its price, the rest rests.
+- A resting order fills, as maker, only when the market trades *through* its price: a trade
+  strictly beyond it (fill up to the trade's size), or a book whose opposite touch has moved
+  onto or past it (fill the remainder). Touching the price is not enough: the queue ahead of
+  us would have traded first.
+
+The exchange is a kernel: it reads no clock (callers pass ``now_ns``) and returns events as
+tuples; the risk stage packs and publishes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shm import schema
+
+
+@dataclass(slots=True)
+class Resting:
+    order_id: int
+    symbol_id: int
+    side: int
+    px: float
+    leaves: float
+    recv_ns: int
+
+
+# (order_id, symbol_id, kind, side, px, qty, leaves, fee, liquidity, reason, recv_ns)
+EventTuple = tuple[int, int, int, int, float, float, float, float, int, int, int]
+
+
+@dataclass
+class PaperExchange:
+    taker_fee_bps: float
+    maker_fee_bps: float
+    n_symbols: int = schema.MAX_SYMBOLS
+    books: np.ndarray = field(init=False)
+    has_book: list[bool] = field(init=False)
+    resting: dict[int, Resting] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.books = np.zeros(self.n_symbols, schema.BOOK)
+        self.has_book = [False] * self.n_symbols
+
+    # ------------------------------------------------------------------ market data
+    def on_book(self, book: np.void | np.ndarray, out: list[EventTuple]) -> None:
+        """Take a new snapshot; fill resting orders the market has moved through."""
+        s = int(book["symbol_id"])
+        if s >= self.n_symbols:
+            return
+        self.books[s] = book
+        self.has_book[s] = True
+        if not self.resting or int(book["flags"]) & schema.BOOK_UNTRADEABLE:
+            return
+        bid = float(book["bid_px"][0]) if book["n_bid"] else math.nan
+        ask = float(book["ask_px"][0]) if book["n_ask"] else math.nan
+        for o in [o for o in self.resting.values() if o.symbol_id == s]:
+            if (o.side > 0 and ask <= o.px) or (o.side < 0 and bid >= o.px):
+                self._fill_resting(o, o.leaves, out)
+
+    def on_trade(self, symbol_id: int, px: float, sz: float, out: list[EventTuple]) -> None:
+        """A print strictly through a resting order's price fills it up to the print's size."""
+        if not self.resting:
+            return
+        for o in [o for o in self.resting.values() if o.symbol_id == symbol_id]:
+            if sz <= 0:
+                break
+            if (o.side > 0 and px < o.px) or (o.side < 0 and px > o.px):
+                q = min(o.leaves, sz)
+                sz -= q
+                self._fill_resting(o, q, out)
+
+    def _fill_resting(self, o: Resting, qty: float, out: list[EventTuple]) -> None:
+        o.leaves -= qty
+        if o.leaves <= 1e-12:
+            o.leaves = 0.0
+            del self.resting[o.order_id]
+        fee = o.px * qty * self.maker_fee_bps * 1e-4
+        out.append(
+            (
+                o.order_id,
+                o.symbol_id,
+                schema.EV_FILL,
+                o.side,
+                o.px,
+                qty,
+                o.leaves,
+                fee,
+                schema.LIQ_MAKER,
+                0,
+                o.recv_ns,
+            )
+        )
+
+    # ------------------------------------------------------------------ order entry
+    def best(self, symbol_id: int) -> tuple[float, float]:
+        b = self.books[symbol_id]
+        bid = float(b["bid_px"][0]) if b["n_bid"] else math.nan
+        ask = float(b["ask_px"][0]) if b["n_ask"] else math.nan
+        return bid, ask
+
+    def _take(
+        self,
+        *,
+        oid: int,
+        s: int,
+        side: int,
+        limit: float,
+        qty: float,
+        recv_ns: int,
+        out: list[EventTuple],
+    ) -> float:
+        """Walk the opposite side up to ``limit``; return the quantity left."""
+        b = self.books[s]
+        px_col = b["ask_px"] if side > 0 else b["bid_px"]
+        sz_col = b["ask_sz"] if side > 0 else b["bid_sz"]
+        n = int(b["n_ask"] if side > 0 else b["n_bid"])
+        left = qty
+        for i in range(n):
+            if left <= 1e-12:
+                break
+            px = float(px_col[i])
+            avail = float(sz_col[i])
+            if avail <= 0:
+                continue
+            if not math.isnan(limit) and ((side > 0 and px > limit) or (side < 0 and px < limit)):
+                break
+            q = min(left, avail)
+            sz_col[i] = avail - q
+            left -= q
+            fee = px * q * self.taker_fee_bps * 1e-4
+            out.append(
+                (
+                    oid,
+                    s,
+                    schema.EV_FILL,
+                    side,
+                    px,
+                    q,
+                    max(left, 0.0),
+                    fee,
+                    schema.LIQ_TAKER,
+                    0,
+                    recv_ns,
+                )
+            )
+        return max(left, 0.0)
+
+    def submit(
+        self,
+        *,
+        order_id: int,
+        symbol_id: int,
+        side: int,
+        tif: int,
+        px: float,
+        qty: float,
+        recv_ns: int,
+        out: list[EventTuple],
+    ) -> None:
+        """Accept a new order that passed risk; append the events it causes to ``out``."""
+        s = symbol_id
+        bid, ask = self.best(s)
+        if tif == schema.TIF_IOC:
+            left = self._take(
+                oid=order_id, s=s, side=side, limit=px, qty=qty, recv_ns=recv_ns, out=out
+            )
+            if left > 0:
+                out.append((order_id, s, schema.EV_EXPIRED, side, px, 0.0, 0.0, 0.0, 0, 0, recv_ns))
+            return
+        crosses = (side > 0 and px >= ask) or (side < 0 and px <= bid)
+        if tif == schema.TIF_POST_ONLY and crosses:
+            out.append(
+                (
+                    order_id,
+                    s,
+                    schema.EV_REJECT,
+                    side,
+                    px,
+                    0.0,
+                    0.0,
+                    0.0,
+                    0,
+                    schema.REJECT_CODE["post_only_would_cross"],
+                    recv_ns,
+                )
+            )
+            return
+        out.append((order_id, s, schema.EV_ACK, side, px, 0.0, qty, 0.0, 0, 0, recv_ns))
+        left = qty
+        if crosses:
+            left = self._take(
+                oid=order_id, s=s, side=side, limit=px, qty=qty, recv_ns=recv_ns, out=out
+            )
+        if left > 0:
+            self.resting[order_id] = Resting(order_id, s, side, px, left, recv_ns)
+
+    def cancel(self, order_id: int, *, recv_ns: int, out: list[EventTuple]) -> bool:
+        o = self.resting.pop(order_id, None)
+        if o is None:
+            return False
+        out.append(
+            (order_id, o.symbol_id, schema.EV_CANCELED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, recv_ns)
+        )
+        return True
+
+    def cancel_all(self, *, out: list[EventTuple]) -> int:
+        ids = list(self.resting)
+        for oid in ids:
+            self.cancel(oid, recv_ns=0, out=out)
+        return len(ids)
