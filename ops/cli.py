@@ -139,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASSTHROUGH = {"monitor": cmd_monitor, "exporter": cmd_exporter, "sim": cmd_sim}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:  # these parse their own options
+        return PASSTHROUGH[argv[0]](argparse.Namespace(cmd=argv[0], rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

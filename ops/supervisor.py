@@ -151,6 +151,8 @@ class Supervisor:
             self.feed_url = ""  # ingest uses the venue's public endpoint
         self._start_exporter()
         for role in START_ORDER:
+            if role == "ingest":  # the feed starts only when every consumer is ready to trade
+                self._wait_ready([r for r in START_ORDER if r != "ingest"])
             argv = [
                 sys.executable,
                 "-m",
@@ -181,6 +183,27 @@ class Supervisor:
                 "pids": {r: c.last_pid for r, c in self.children.items()},
             },
         )
+
+    def _wait_ready(self, roles: list[str], timeout_s: float = 120.0) -> None:
+        """Wait until each stage runs its duty cycle (kernels compiled, rings attached)."""
+        eng = self.engine
+        assert eng is not None
+        deadline = time.monotonic() + timeout_s
+        pending = list(roles)
+        while pending:
+            for role in list(pending):
+                child = self.children[role]
+                ints = eng.stats_all[schema.ROLE_INDEX[role]]["ints"]
+                if int(ints[schema.C_PID]) == child.last_pid and int(ints[schema.C_STARTED_NS]) > 0:
+                    pending.remove(role)
+                elif child.proc is not None and child.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"stage {role} exited at start (code {child.proc.returncode}); see {child.log_path}"
+                    )
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"stages {pending} not ready after {timeout_s:.0f} s")
+            if pending:
+                time.sleep(0.02)
 
     def _start_sim(self) -> None:
         cfg = self.cfg.feed

@@ -105,7 +105,7 @@ class BlockIdle:
         bell_id: int,
         readers: Sequence[RingReader],
         stats: StageStats | None = None,
-        spins: int = 20,
+        spins: int = 0,
         timeout_ms: float = 10.0,
     ) -> None:
         if bell_id <= 0:

@@ -104,6 +104,7 @@ class RouteConfig:
     min_order_interval_ms: float = 250.0
     order_ttl_ms: float = 3_000.0
     max_open_orders_per_symbol: int = 2
+    max_signal_age_ms: float = 50.0  # never act on a tick older than this (a backlog after a stall)
 
     def __post_init__(self) -> None:
         _check_numbers("route", self, allow_zero=("min_order_interval_ms",))
@@ -131,9 +132,16 @@ class CpuConfig:
     risk: tuple[int, ...] = (1,)
     supervisor: tuple[int, ...] = (0,)
     sim: tuple[int, ...] = (0,)
+    # SCHED_FIFO priority of the first stage (0: normal scheduling); later stages get +1 each
+    realtime_priority: int = 10
 
     def __post_init__(self) -> None:
+        rt = self.realtime_priority
+        if isinstance(rt, bool) or not isinstance(rt, int) or not 0 <= rt <= 90:
+            raise ConfigError(f"cpu.realtime_priority must be an integer in 0..90, got {rt!r}")
         for f in dataclasses.fields(self):
+            if f.name == "realtime_priority":
+                continue
             cpus = getattr(self, f.name)
             if not cpus or not all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus

@@ -13,8 +13,10 @@ Formulas (per symbol; b/a best bid/ask price, B/A their sizes, mid = (b + a) / 2
                     the previous book of the symbol)
 - trade_intensity = exponentially decayed trade count, trades per second (tau = 1 s)
 
-The vectorisable parts run over the whole batch in numpy; the parts that carry state from one
-update to the next (returns, OFI, trade intensity) loop per record over plain floats. Time is
+The kernel is compiled with numba: a batch of one costs about a microsecond, where the same
+maths as numpy array operations cost ~50 us (each numpy call has ~1 us of overhead and a
+pipeline that hands every tick on at once runs batches of one). ``cache=True`` keeps the
+machine code in ``__pycache__`` so only the first start of a fresh checkout compiles. Time is
 the records' own ``recv_ns``: the kernel reads no clock, so a backtest gives the same numbers.
 """
 
@@ -25,6 +27,7 @@ import time
 from typing import Final
 
 import numpy as np
+from numba import njit
 
 from shm import schema
 from shm.ring import RingReader
@@ -34,121 +37,168 @@ from stages.wiring import Engine
 
 DEPTH_LEVELS: Final = 10
 INTENSITY_TAU_S: Final = 1.0
+N_FEATURES: Final = schema.N_FEATURES_V1
+# feature indices as plain module constants: numba folds them into the compiled kernel
+F_SPREAD_BPS: Final = schema.F_SPREAD_BPS
+F_MICROPRICE: Final = schema.F_MICROPRICE
+F_MICRO_DEV_BPS: Final = schema.F_MICRO_DEV_BPS
+F_OBI: Final = schema.F_OBI
+F_DEPTH_IMB: Final = schema.F_DEPTH_IMB
+F_RVOL_BPS: Final = schema.F_RVOL_BPS
+F_OFI: Final = schema.F_OFI
+F_TRADE_INTENSITY: Final = schema.F_TRADE_INTENSITY
 
 
 class FeatureState:
-    """Per-symbol rolling state of the stateful features."""
+    """Per-symbol rolling state of the stateful features (numpy arrays the kernel updates)."""
 
     def __init__(self, *, n_symbols: int = schema.MAX_SYMBOLS, window: int = 1000) -> None:
         self.window = window
         self.returns = np.zeros((n_symbols, window))
-        self.ret_idx = [0] * n_symbols
-        self.ret_count = [0] * n_symbols
-        self.sum_sq = [0.0] * n_symbols
-        self.last_mid = [0.0] * n_symbols
-        self.prev_top = [(0.0, 0.0, 0.0, 0.0)] * n_symbols  # b, B, a, A
-        self.intensity = [0.0] * n_symbols
-        self.last_trade_ns = [0] * n_symbols
-        self.updates_since_resum = [0] * n_symbols
+        self.ret_idx = np.zeros(n_symbols, np.int64)
+        self.ret_count = np.zeros(n_symbols, np.int64)
+        self.since_resum = np.zeros(n_symbols, np.int64)
+        self.sum_sq = np.zeros(n_symbols)
+        self.last_mid = np.zeros(n_symbols)
+        self.prev_top = np.zeros((n_symbols, 4))  # b, B, a, A of the previous book
+        self.intensity = np.zeros(n_symbols)
+        self.last_trade_ns = np.zeros(n_symbols, np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _update_trades(trades: np.ndarray, intensity: np.ndarray, last_trade_ns: np.ndarray) -> None:
+    n_sym = intensity.shape[0]
+    for i in range(trades.shape[0]):
+        s = trades[i]["symbol_id"]
+        if s >= n_sym:
+            continue
+        t = trades[i]["recv_ns"]
+        dt_s = (t - last_trade_ns[s]) / 1e9 if last_trade_ns[s] else 0.0
+        intensity[s] = (
+            intensity[s] * math.exp(-max(dt_s, 0.0) / INTENSITY_TAU_S) + 1.0 / INTENSITY_TAU_S
+        )
+        last_trade_ns[s] = t
 
 
 def update_trades(trades: np.ndarray, state: FeatureState) -> None:
     """Fold trades into the per-symbol intensity (decayed count, trades per second)."""
-    syms = trades["symbol_id"].tolist()
-    ts = trades["recv_ns"].tolist()
-    inten, last = state.intensity, state.last_trade_ns
-    for s, t in zip(syms, ts, strict=True):
-        if s >= len(inten):
+    _update_trades(trades, state.intensity, state.last_trade_ns)
+
+
+@njit(cache=True, nogil=True)
+def _compute(
+    books: np.ndarray,
+    out: np.ndarray,
+    returns: np.ndarray,
+    ret_idx: np.ndarray,
+    ret_count: np.ndarray,
+    since_resum: np.ndarray,
+    sum_sq: np.ndarray,
+    last_mid: np.ndarray,
+    prev_top: np.ndarray,
+    intensity: np.ndarray,
+    last_trade_ns: np.ndarray,
+) -> None:
+    n_sym = last_mid.shape[0]
+    window = returns.shape[1]
+    nan = math.nan
+    for i in range(books.shape[0]):
+        bk = books[i]
+        o = out[i]
+        v = o["values"]
+        s = bk["symbol_id"]
+        o["symbol_id"] = s
+        o["flags"] = bk["flags"]
+        o["seq"] = bk["seq"]
+        o["exch_ns"] = bk["exch_ns"]
+        o["recv_ns"] = bk["recv_ns"]
+        o["ingest_ns"] = bk["ingest_ns"]
+        for k in range(v.shape[0]):
+            v[k] = 0.0
+        b = bk["bid_px"][0]
+        a = bk["ask_px"][0]
+        bq = bk["bid_sz"][0]
+        aq = bk["ask_sz"][0]
+        o["best_bid"] = b
+        o["best_ask"] = a
+        o["bid_sz"] = bq
+        o["ask_sz"] = aq
+        if bk["n_bid"] == 0 or bk["n_ask"] == 0 or s >= n_sym:
+            o["mid"] = nan
+            for k in range(N_FEATURES):
+                v[k] = nan
             continue
-        dt_s = (t - last[s]) / 1e9 if last[s] else 0.0
-        inten[s] = inten[s] * math.exp(-max(dt_s, 0.0) / INTENSITY_TAU_S) + 1.0 / INTENSITY_TAU_S
-        last[s] = t
+        mid = (b + a) * 0.5
+        o["mid"] = mid
+        top = bq + aq
+        micro = (b * aq + a * bq) / top if top > 0 else nan
+        v[F_SPREAD_BPS] = (a - b) / mid * 1e4
+        v[F_MICROPRICE] = micro
+        v[F_MICRO_DEV_BPS] = (micro - mid) / mid * 1e4
+        v[F_OBI] = (bq - aq) / top if top > 0 else nan
+        db = 0.0
+        da = 0.0
+        for j in range(DEPTH_LEVELS):
+            db += bk["bid_sz"][j]
+            da += bk["ask_sz"][j]
+        v[F_DEPTH_IMB] = (db - da) / (db + da) if db + da > 0 else nan
+
+        lm = last_mid[s]
+        if lm > 0.0 and mid > 0.0:
+            r = math.log(mid / lm)
+            j = ret_idx[s]
+            old = returns[s, j]
+            returns[s, j] = r
+            ret_idx[s] = (j + 1) % window
+            if ret_count[s] < window:
+                ret_count[s] += 1
+            since_resum[s] += 1
+            if since_resum[s] >= window:  # bound the float drift of the running sum
+                acc = 0.0
+                for k in range(window):
+                    acc += returns[s, k] * returns[s, k]
+                sum_sq[s] = acc
+                since_resum[s] = 0
+            else:
+                sum_sq[s] += r * r - old * old
+        last_mid[s] = mid
+        cnt = ret_count[s]
+        v[F_RVOL_BPS] = math.sqrt(max(sum_sq[s], 0.0) / cnt) * 1e4 if cnt else 0.0
+
+        pb = prev_top[s, 0]
+        if pb > 0.0:
+            pbq = prev_top[s, 1]
+            pa = prev_top[s, 2]
+            paq = prev_top[s, 3]
+            e_b = (bq if b >= pb else 0.0) - (pbq if b <= pb else 0.0)
+            e_a = (aq if a <= pa else 0.0) - (paq if a >= pa else 0.0)
+            v[F_OFI] = e_b - e_a
+        prev_top[s, 0] = b
+        prev_top[s, 1] = bq
+        prev_top[s, 2] = a
+        prev_top[s, 3] = aq
+
+        lt = last_trade_ns[s]
+        if lt:
+            dt_s = max(bk["recv_ns"] - lt, 0) / 1e9
+            v[F_TRADE_INTENSITY] = intensity[s] * math.exp(-dt_s / INTENSITY_TAU_S)
 
 
 def compute_features(books: np.ndarray, state: FeatureState, out: np.ndarray) -> None:
     """Fill ``out[i]`` with the features of ``books[i]`` and advance ``state``."""
-    n = len(books)
-    bid_px, ask_px = books["bid_px"], books["ask_px"]
-    bid_sz, ask_sz = books["bid_sz"], books["ask_sz"]
-    b, a = bid_px[:, 0], ask_px[:, 0]
-    bq, aq = bid_sz[:, 0], ask_sz[:, 0]
-    vals = out["values"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mid = (b + a) * 0.5
-        top = bq + aq
-        micro = (b * aq + a * bq) / top
-        vals[:, schema.F_SPREAD_BPS] = (a - b) / mid * 1e4
-        vals[:, schema.F_MICROPRICE] = micro
-        vals[:, schema.F_MICRO_DEV_BPS] = (micro - mid) / mid * 1e4
-        vals[:, schema.F_OBI] = (bq - aq) / top
-        db = bid_sz[:, :DEPTH_LEVELS].sum(axis=1)
-        da = ask_sz[:, :DEPTH_LEVELS].sum(axis=1)
-        vals[:, schema.F_DEPTH_IMB] = (db - da) / (db + da)
-    empty = (books["n_bid"] == 0) | (books["n_ask"] == 0)
-    if empty.any():
-        vals[empty, : schema.N_FEATURES_V1] = np.nan
-        mid[empty] = np.nan
-
-    out["symbol_id"] = books["symbol_id"]
-    out["flags"] = books["flags"]
-    out["seq"] = books["seq"]
-    out["exch_ns"] = books["exch_ns"]
-    out["recv_ns"] = books["recv_ns"]
-    out["ingest_ns"] = books["ingest_ns"]
-    out["mid"] = mid
-    out["best_bid"] = b
-    out["best_ask"] = a
-    out["bid_sz"] = bq
-    out["ask_sz"] = aq
-
-    # stateful features, record by record
-    syms = books["symbol_id"].tolist()
-    mids = mid.tolist()
-    tops = zip(b.tolist(), bq.tolist(), a.tolist(), aq.tolist(), strict=True)
-    recv = books["recv_ns"].tolist()
-    rvol = [0.0] * n
-    ofi = [0.0] * n
-    inten = [0.0] * n
-    window = state.window
-    rets = state.returns
-    for i, (top_now, s, m, t) in enumerate(zip(tops, syms, mids, recv, strict=True)):
-        if s >= len(state.last_mid) or m != m:  # NaN mid: empty side
-            rvol[i] = ofi[i] = inten[i] = math.nan
-            continue
-        lm = state.last_mid[s]
-        if lm > 0.0 and m > 0.0:
-            r = math.log(m / lm)
-            j = state.ret_idx[s]
-            old = float(rets[s, j])
-            rets[s, j] = r
-            state.ret_idx[s] = (j + 1) % window
-            if state.ret_count[s] < window:
-                state.ret_count[s] += 1
-            state.updates_since_resum[s] += 1
-            if state.updates_since_resum[s] >= window:  # bound float drift of the running sum
-                state.sum_sq[s] = float(np.dot(rets[s], rets[s]))
-                state.updates_since_resum[s] = 0
-            else:
-                state.sum_sq[s] += r * r - old * old
-        state.last_mid[s] = m
-        cnt = state.ret_count[s]
-        rvol[i] = math.sqrt(max(state.sum_sq[s], 0.0) / cnt) * 1e4 if cnt else 0.0
-
-        pb, pbq, pa, paq = state.prev_top[s]
-        nb, nbq, na, naq = top_now
-        if pb > 0.0:
-            e_b = (nbq if nb >= pb else 0.0) - (pbq if nb <= pb else 0.0)
-            e_a = (naq if na <= pa else 0.0) - (paq if na >= pa else 0.0)
-            ofi[i] = e_b - e_a
-        state.prev_top[s] = top_now
-
-        lt = state.last_trade_ns[s]
-        if lt:
-            dt_s = max(t - lt, 0) / 1e9
-            inten[i] = state.intensity[s] * math.exp(-dt_s / INTENSITY_TAU_S)
-    vals[:, schema.F_RVOL_BPS] = rvol
-    vals[:, schema.F_OFI] = ofi
-    vals[:, schema.F_TRADE_INTENSITY] = inten
+    _compute(
+        books,
+        out,
+        state.returns,
+        state.ret_idx,
+        state.ret_count,
+        state.since_resum,
+        state.sum_sq,
+        state.last_mid,
+        state.prev_top,
+        state.intensity,
+        state.last_trade_ns,
+    )
 
 
 class FeatureAgent:
@@ -166,6 +216,11 @@ class FeatureAgent:
         self._fv = np.zeros(batch, schema.FEATURES)
         self.state = FeatureState(window=cfg.engine.feature_window_size)
         self._stats = stats
+        warm = FeatureState(
+            n_symbols=1, window=2
+        )  # compile (or load) the kernels before the first tick
+        compute_features(self._books[:1], warm, self._fv[:1])
+        update_trades(self._trades[:1], warm)
 
     def do_work(self) -> int:
         nt = self._tr.read_into(self._trades)

@@ -82,7 +82,9 @@ class IngestAgent:
             time.sleep(min(self._next_connect_s - now, 0.05))
             return
         try:
-            ws = websocket.create_connection(self._url, timeout=5, enable_multithread=False)
+            ws = websocket.create_connection(
+                self._url, timeout=5, enable_multithread=False, skip_utf8_validation=True
+            )
             for msg in subscribe_messages(self._coins):
                 ws.send(msg)
         except (OSError, websocket.WebSocketException) as exc:
@@ -173,6 +175,9 @@ class IngestAgent:
             s = int(books["symbol_id"][0])
             t1 = time.monotonic_ns()
             books["ingest_ns"][0] = t1
+            st.record_ns(
+                schema.H_DURATION, t1 - recv_ns
+            )  # before publishing: downstream may preempt us
             self._books_out.offer(self._book_bytes)
             self._last_books[s] = books[0]
             self._have_book[s] = True
@@ -189,7 +194,8 @@ class IngestAgent:
             ints[schema.C_PUBLISHED] += nt
         t_end = time.monotonic_ns()
         ints[schema.C_PROCESSED] += 1
-        st.record_ns(schema.H_DURATION, t_end - recv_ns)
+        if not nb:
+            st.record_ns(schema.H_DURATION, t_end - recv_ns)
         st.record_ns(schema.H_E2E, t_end - recv_ns)
         if self._parser.malformed != self._malformed_seen:
             ints[schema.C_MALFORMED] += self._parser.malformed - self._malformed_seen

@@ -69,6 +69,18 @@ class PaperExchange:
             if (o.side > 0 and ask <= o.px) or (o.side < 0 and bid >= o.px):
                 self._fill_resting(o, o.leaves, out)
 
+    def on_books(self, books: np.ndarray, out: list[EventTuple]) -> None:
+        """Take a batch of snapshots in order (cheap when nothing rests)."""
+        if self.resting:
+            for i in range(len(books)):
+                self.on_book(books[i], out)
+            return
+        n_sym = self.n_symbols
+        for i, s in enumerate(books["symbol_id"].tolist()):
+            if s < n_sym:
+                self.books[s] = books[i]
+                self.has_book[s] = True
+
     def on_trade(self, symbol_id: int, px: float, sz: float, out: list[EventTuple]) -> None:
         """A print strictly through a resting order's price fills it up to the print's size."""
         if not self.resting:
@@ -139,6 +151,8 @@ class PaperExchange:
             q = min(left, avail)
             sz_col[i] = avail - q
             left -= q
+            if left <= 1e-12:  # float dust (0.4 - 0.1 - 0.2 - 0.1 = 2.8e-17): fully filled
+                left = 0.0
             fee = px * q * self.taker_fee_bps * 1e-4
             out.append(
                 (

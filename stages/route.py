@@ -44,6 +44,7 @@ SKIP_THROTTLE: Final = "throttle"
 SKIP_OPEN_ORDERS: Final = "open_orders"
 SKIP_POSITION: Final = "position_limit"
 SKIP_SIZE: Final = "min_size"
+SKIP_STALE: Final = "stale_signal"
 
 
 @dataclass(slots=True)
@@ -91,12 +92,17 @@ def size_notional(base_size: float, confidence: float, urgency: float) -> float:
     return base_size * confidence * confidence * (1.0 + urgency * 0.5)
 
 
+def _decimals(step: float) -> int:
+    return max(0, -math.floor(math.log10(step) + 1e-9)) + 2
+
+
 def round_down(x: float, step: float) -> float:
-    return math.floor(x / step + 1e-9) * step
+    """Largest multiple of ``step`` <= x, without binary-float tails (0.35002, not 0.35002000000000005)."""
+    return round(math.floor(x / step + 1e-9) * step, _decimals(step))
 
 
 def round_up(x: float, step: float) -> float:
-    return math.ceil(x / step - 1e-9) * step
+    return round(math.ceil(x / step - 1e-9) * step, _decimals(step))
 
 
 @dataclass
@@ -145,10 +151,14 @@ class Router:
         spread_bps: float,
         halted: bool,
         now_ns: int,
+        recv_ns: int | None = None,
     ) -> NewOrder | None:
         """Return the order a signal calls for, or None (and count why not)."""
         if flags & schema.SIG_UNTRADEABLE:
             self._skip(SKIP_UNTRADEABLE)
+            return None
+        if recv_ns is not None and now_ns - recv_ns > self.route.max_signal_age_ms * 1e6:
+            self._skip(SKIP_STALE)
             return None
         g = self.gate
         if (
@@ -355,6 +365,7 @@ class RouteAgent:
                 spread_bps=spread,
                 halted=halted,
                 now_ns=t0,
+                recv_ns=recv,
             )
             if order is not None:
                 t1 = mono()

@@ -86,7 +86,9 @@ class Runner:
             bell_id=bell_id(agent.role),
             readers=agent.readers,
             stats=stats,
-            timeout_ms=cfg.idle.block_timeout_ms,
+            timeout_ms=min(
+                cfg.idle.block_timeout_ms, getattr(agent, "max_sleep_ms", cfg.idle.block_timeout_ms)
+            ),
         )
         self.idle_name = idle_name if agent.readers or idle_name != "block" else "self-blocking"
 
@@ -122,6 +124,33 @@ class Runner:
                     ints[schema.C_GC_FROZEN] = 1
 
 
+def apply_realtime(cfg: Config, role: str) -> int:
+    """Switch to SCHED_FIFO at ``realtime_priority`` + the stage's pipeline position; return it.
+
+    Downstream stages get higher priorities, so a stage woken by its upstream preempts it
+    and each tick runs through to its order before the next tick is read. Returns 0 when
+    disabled, refused by the OS (no CAP_SYS_NICE) or unsafe (``spin`` would starve the core).
+    """
+    base = cfg.cpu.realtime_priority
+    if not base:
+        return 0
+    if cfg.idle.for_role(role) == "spin":
+        logger.warning(
+            "idle 'spin' with a real-time priority would starve the core; staying unprioritised"
+        )
+        return 0
+    prio = base + schema.ROLE_INDEX[role]
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))
+    except OSError as exc:
+        logger.warning(
+            "cannot use real-time priority; running unprioritised",
+            extra={"priority": prio, "error": exc.strerror},
+        )
+        return 0
+    return prio
+
+
 def run_stage(role: str, cfg: Config, *, namespace: str, feed_url: str | None = None) -> int:
     """Attach to the engine's segments and run ``role`` until SIGTERM/SIGINT; return an exit code."""
     log.setup(role)
@@ -139,6 +168,9 @@ def run_stage(role: str, cfg: Config, *, namespace: str, feed_url: str | None = 
         logger.exception("stage %s failed to start", role)
         return 1
     runner = Runner(agent, stats, cfg, namespace=namespace)
+    # Real-time priority only now: the agent has compiled its kernels at normal priority, so a
+    # compiling stage never starves the stages already trading on the same core.
+    realtime = apply_realtime(cfg, role)
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         runner.stop()
@@ -151,6 +183,7 @@ def run_stage(role: str, cfg: Config, *, namespace: str, feed_url: str | None = 
             "pid": os.getpid(),
             "cpus": sorted(os.sched_getaffinity(0)),
             "idle": runner.idle_name,
+            "realtime_priority": realtime,
         },
     )
     code = 0

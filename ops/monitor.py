@@ -1,0 +1,404 @@
+"""``hft monitor``: a psutil latency monitor of the running stages, in the terminal or as JSON.
+
+Why a separate CLI next to Prometheus: on a box without a metrics stack (a laptop, a fresh
+server, an incident) an operator wants one command that says, per stage, whether it is alive,
+where it is pinned, how much CPU it burns, whether the scheduler preempts it (involuntary
+context switches: the latency killer when stages share cores), how full its input rings are,
+and its latency percentiles. Everything comes from shared memory (only read) and /proc.
+
+Two readings ``interval`` apart give the rates (CPU %, records per second, context switches
+per second); the latency percentiles are over each histogram since the stage started (the
+same numbers the exporter gives Prometheus). ``--once`` samples over 0.5 s. JSON is written
+with orjson, which writes NaN (an empty histogram, a vanished process) as ``null``.
+
+Exit codes: 0 (done, or Ctrl+C), 1 (no engine in the namespace), 2 (bad config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import orjson
+import psutil
+
+from ops.exporter import EngineWatch, ring_depths
+from shm import schema, segment
+from shm.stats import LatencySummary
+from stages import config
+from stages.wiring import CTL_PID, CTL_RESTARTS, inputs_of
+
+DEFAULT_INTERVAL_S: Final = 1.0
+ONCE_INTERVAL_S: Final = 0.5
+_CLEAR_HOME: Final = "\x1b[H\x1b[2J"
+
+_sleep: Callable[[float], None] = time.sleep  # a seam for tests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcReading:
+    """What psutil says about one stage process at one moment (None: unknown or gone)."""
+
+    pid: int
+    alive: bool
+    create_time: float | None = None
+    cpus: list[int] | None = None
+    cpu_s: float | None = None
+    rss_bytes: int | None = None
+    ctx_voluntary: int | None = None
+    ctx_involuntary: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reading:
+    """One copy of the engine's stats, control block, ring depths and stage processes."""
+
+    mono_ns: int
+    wall_s: float
+    blocks: np.ndarray
+    control: list[int]
+    rings: dict[str, tuple[int, list[int]]]
+    procs: dict[str, ProcReading]
+
+
+def read_process(pid: int) -> ProcReading:
+    """Return psutil's view of ``pid``; fields it cannot read are None."""
+    if pid <= 0 or not segment.pid_alive(pid):
+        return ProcReading(pid=pid, alive=False)
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            ctx = proc.num_ctx_switches()
+            rss = proc.memory_info().rss
+            created = proc.create_time()
+            try:
+                cpus: list[int] | None = sorted(proc.cpu_affinity())  # type: ignore[attr-defined]
+            except (AttributeError, psutil.AccessDenied):
+                cpus = None
+    except psutil.NoSuchProcess:
+        return ProcReading(pid=pid, alive=False)
+    except psutil.AccessDenied:
+        return ProcReading(pid=pid, alive=True)
+    return ProcReading(
+        pid=pid,
+        alive=True,
+        create_time=created,
+        cpus=cpus,
+        cpu_s=times.user + times.system,
+        rss_bytes=int(rss),
+        ctx_voluntary=int(ctx.voluntary),
+        ctx_involuntary=int(ctx.involuntary),
+    )
+
+
+def take_reading(watch: EngineWatch) -> Reading:
+    """Copy everything the report needs from an attached engine (``watch.engine``)."""
+    engine = watch.engine
+    assert engine is not None
+    control = [int(v) for v in engine.control]
+    procs = {
+        role: read_process(control[CTL_PID + schema.ROLE_INDEX[role]])
+        for role in schema.STAGE_ROLES
+    }
+    return Reading(
+        mono_ns=time.monotonic_ns(),
+        wall_s=time.time(),
+        blocks=np.array(engine.stats_all),
+        control=control,
+        rings=ring_depths(watch),
+        procs=procs,
+    )
+
+
+def _rate(prev: float | None, cur: float | None, dt_s: float) -> float | None:
+    if prev is None or cur is None or dt_s <= 0:
+        return None
+    return max(cur - prev, 0.0) / dt_s
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def summarize(prev: Reading, cur: Reading, *, namespace: str) -> dict[str, Any]:
+    """Build the report (the ``--json`` document) from two readings of the same engine."""
+    dt_s = (cur.mono_ns - prev.mono_ns) / 1e9
+    stages: dict[str, Any] = {}
+    for role in schema.STAGE_ROLES:
+        idx = schema.ROLE_INDEX[role]
+        ints = cur.blocks[idx]["ints"]
+        p, c = prev.procs[role], cur.procs[role]
+        same = p.pid == c.pid and p.create_time is not None and p.create_time == c.create_time
+        cpu = _rate(p.cpu_s, c.cpu_s, dt_s) if same else None
+        inputs: dict[str, Any] = {}
+        for ring_name, reader in inputs_of(role):
+            if ring_name not in cur.rings:
+                continue
+            capacity, depths = cur.rings[ring_name]
+            depth = depths[reader]
+            inputs[ring_name] = {
+                "depth": depth,
+                "capacity": capacity,
+                "fill_pct": min(100.0, 100.0 * depth / capacity),
+            }
+        processed, processed_before = (
+            int(ints[schema.C_PROCESSED]),
+            int(prev.blocks[idx]["ints"][schema.C_PROCESSED]),
+        )
+        if processed < processed_before:  # the stage restarted with fresh stats
+            processed_before = 0
+        lat = LatencySummary.of(cur.blocks[idx]["hist"][schema.H_DURATION])
+        stages[role] = {
+            "pid": c.pid,
+            "alive": c.alive,
+            "cpus": c.cpus,
+            "cpu_percent": None if cpu is None else cpu * 100.0,
+            "rss_bytes": c.rss_bytes,
+            "ctx_voluntary": c.ctx_voluntary,
+            "ctx_involuntary": c.ctx_involuntary,
+            "ctx_voluntary_per_s": _rate(p.ctx_voluntary, c.ctx_voluntary, dt_s) if same else None,
+            "ctx_involuntary_per_s": _rate(p.ctx_involuntary, c.ctx_involuntary, dt_s)
+            if same
+            else None,
+            "ring_depth": sum(i["depth"] for i in inputs.values()) if inputs else None,
+            "ring_fill_pct": max(i["fill_pct"] for i in inputs.values()) if inputs else None,
+            "inputs": inputs,
+            "processed": processed,
+            "throughput_per_s": (processed - processed_before) / dt_s if dt_s > 0 else None,
+            "latency_count": lat.count,
+            "p50_us": _nan_to_none(lat.p50_us),
+            "p99_us": _nan_to_none(lat.p99_us),
+            "p999_us": _nan_to_none(lat.p999_us),
+            "restarts": cur.control[CTL_RESTARTS + idx],
+        }
+    risk_idx = schema.ROLE_INDEX["risk"]
+    risk = cur.blocks[risk_idx]["ints"]
+    gauges = cur.blocks[risk_idx]["gauges"]
+    e2e = LatencySummary.of(cur.blocks[risk_idx]["hist"][schema.H_E2E])
+    return {
+        "namespace": namespace,
+        "ts": cur.wall_s,
+        "interval_s": dt_s,
+        "stages": stages,
+        "tick_to_order_us": {
+            "count": e2e.count,
+            "p50": _nan_to_none(e2e.p50_us),
+            "p99": _nan_to_none(e2e.p99_us),
+            "p999": _nan_to_none(e2e.p999_us),
+        },
+        "dropped_frames": int(
+            sum(
+                int(cur.blocks[schema.ROLE_INDEX[r]]["ints"][schema.C_DROPPED])
+                for r in schema.STAGE_ROLES
+            )
+        ),
+        "orders": int(risk[schema.C_ORDERS]),
+        "fills": int(risk[schema.C_FILLS]),
+        "rejects": int(risk[schema.C_REJECTS]),
+        "rejects_by_reason": {
+            reason: int(risk[schema.REJECT_COUNTERS_BASE + code])
+            for code, reason in enumerate(schema.REJECT_REASONS)
+            if reason != "none" and risk[schema.REJECT_COUNTERS_BASE + code]
+        },
+        "pnl": {
+            "realized": float(gauges[schema.G_REALIZED]),
+            "unrealized": float(gauges[schema.G_UNREALIZED]),
+            "fees": float(gauges[schema.G_FEES]),
+        },
+    }
+
+
+# ---------------------------------------------------------------- rendering
+def _num(x: float | int | None, fmt: str = ",.1f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, fmt)
+
+
+def _cpus(cpus: list[int] | None) -> str:
+    if cpus is None:
+        return "-"
+    if len(cpus) > 1 and cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+_COLUMNS: Final = (
+    # header, alignment (< or >)
+    ("stage", "<"),
+    ("pid", ">"),
+    ("up", "<"),
+    ("cpus", "<"),
+    ("cpu %", ">"),
+    ("rss MiB", ">"),
+    ("vcsw/s", ">"),
+    ("ivcsw/s", ">"),
+    ("in depth", ">"),
+    ("fill %", ">"),
+    ("rec/s", ">"),
+    ("processed", ">"),
+    ("p50 us", ">"),
+    ("p99 us", ">"),
+    ("p99.9 us", ">"),
+    ("restarts", ">"),
+)
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """Render the report as an aligned text table with a summary below it."""
+    rows: list[tuple[str, ...]] = [tuple(h for h, _ in _COLUMNS)]
+    for role, s in report["stages"].items():
+        rss = None if s["rss_bytes"] is None else s["rss_bytes"] / 2**20
+        rows.append(
+            (
+                role,
+                str(s["pid"]) if s["pid"] > 0 else "-",
+                "yes" if s["alive"] else "NO",
+                _cpus(s["cpus"]),
+                _num(s["cpu_percent"]),
+                _num(rss),
+                _num(s["ctx_voluntary_per_s"], ",.0f"),
+                _num(s["ctx_involuntary_per_s"], ",.0f"),
+                _num(s["ring_depth"], ",d"),
+                _num(s["ring_fill_pct"]),
+                _num(s["throughput_per_s"], ",.0f"),
+                _num(s["processed"], ",d"),
+                _num(s["p50_us"], ",.1f"),
+                _num(s["p99_us"], ",.1f"),
+                _num(s["p999_us"], ",.1f"),
+                _num(s["restarts"], "d"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.ljust(w) if align == "<" else c.rjust(w)
+            for c, w, (_, align) in zip(cells, widths, _COLUMNS, strict=True)
+        ).rstrip()
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report["ts"]))
+    t2o = report["tick_to_order_us"]
+    pnl = report["pnl"]
+    rejects = report["rejects_by_reason"]
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(rejects.items(), key=lambda kv: -kv[1]))
+    out = [
+        f"hft monitor  namespace {report['namespace']!r}  {when}  "
+        f"(rates over {report['interval_s']:.2f} s; latency since stage start)",
+        "",
+        line(rows[0]),
+        line(tuple("-" * w for w in widths)),
+        *(line(r) for r in rows[1:]),
+        "",
+        f"tick-to-order us   p50 {_num(t2o['p50'])}   p99 {_num(t2o['p99'])}   "
+        f"p99.9 {_num(t2o['p999'])}   ({t2o['count']:,} orders measured)",
+        f"dropped frames {report['dropped_frames']:,}   orders {report['orders']:,}   "
+        f"fills {report['fills']:,}   rejects {report['rejects']:,}"
+        + (f" ({reasons})" if reasons else ""),
+        f"PnL (quote)   realised {_num(pnl['realized'], ',.2f')}   "
+        f"unrealised {_num(pnl['unrealized'], ',.2f')}   fees {_num(pnl['fees'], ',.2f')}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- CLI
+def _namespace(args: argparse.Namespace) -> str | None:
+    """Return the namespace to watch, or None after printing a config error."""
+    if args.namespace:
+        return str(args.namespace)
+    try:
+        return config.load(args.config).engine.namespace
+    except config.ConfigError as exc:
+        if args.config is None:  # no engine.toml here: the default namespace
+            return config.EngineConfig().namespace
+        print(f"hft monitor: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _no_engine(watch: EngineWatch) -> str:
+    ns = watch.namespace
+    if watch.status == "error":
+        return f"hft monitor: cannot attach to the engine in namespace {ns!r}: {watch.reason}"
+    return f"hft monitor: no engine running in namespace {ns!r} ({watch.reason}); start one with ./run.sh paper"
+
+
+def _emit(report: dict[str, Any], *, as_json: bool, clear: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    else:
+        sys.stdout.write((_CLEAR_HOME if clear else "") + render_table(report))
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hft monitor [--config PATH] [--namespace NS] [--once] [--json] [--interval S]``."""
+    p = argparse.ArgumentParser(
+        prog="hft monitor", description="Per-stage CPU, context switches, ring fill and latency."
+    )
+    p.add_argument("--config", default=None, help=f"engine TOML (default: {config.DEFAULT_CONFIG})")
+    p.add_argument(
+        "--namespace", default=None, help="shared-memory namespace (default: engine.namespace)"
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help=f"print one report (sampled over {ONCE_INTERVAL_S} s) and exit",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (one document per refresh)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help=f"seconds between refreshes (default: {DEFAULT_INTERVAL_S})",
+    )
+    args = p.parse_args(argv)
+    if args.interval is not None and not (math.isfinite(args.interval) and args.interval > 0):
+        p.error("--interval must be a positive number of seconds")
+    namespace = _namespace(args)
+    if namespace is None:
+        return 2
+    interval_s = args.interval or (ONCE_INTERVAL_S if args.once else DEFAULT_INTERVAL_S)
+
+    watch = EngineWatch(namespace=namespace)
+    if watch.get() is None:
+        print(_no_engine(watch), file=sys.stderr)
+        return 1
+    clear = not args.json and not args.once and sys.stdout.isatty()
+    try:
+        prev, generation = take_reading(watch), watch.generation
+        while True:
+            _sleep(interval_s)
+            if watch.get() is None:
+                if args.once:
+                    print(_no_engine(watch), file=sys.stderr)
+                    return 1
+                sys.stdout.write(
+                    (_CLEAR_HOME if clear else "") + _no_engine(watch) + " (waiting)\n"
+                )
+                sys.stdout.flush()
+                continue
+            cur = take_reading(watch)
+            if watch.generation != generation:  # a new engine: rates need two of its readings
+                prev, generation = cur, watch.generation
+                continue
+            _emit(summarize(prev, cur, namespace=namespace), as_json=args.json, clear=clear)
+            if args.once:
+                return 0
+            prev = cur
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `hft monitor | head`
+        return 0
+    finally:
+        watch.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Venue wire-format kernels: bytes in, schema records out, no I/O."""
