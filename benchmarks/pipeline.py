@@ -16,7 +16,6 @@ configuration (only the namespace, ports and the sim's rate changed):
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,20 +29,20 @@ import orjson
 
 from ops.supervisor import free_port
 from shm import schema, segment, stats
+from stages import config
 from stages.wiring import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp: Path, ns: str, rate_per_symbol: float) -> Path:
-    text = (ROOT / "config" / "engine.toml").read_text()
-    text = text.replace('namespace = "hft"', f'namespace = "{ns}"')
-    text = text.replace("metrics_port = 9090", f"metrics_port = {free_port()}")
-    text = re.sub(
-        r"^updates_per_sec = .*$", f"updates_per_sec = {rate_per_symbol}", text, flags=re.M
-    )
+    overrides: dict[str, dict[str, Any]] = {
+        "engine": {"namespace": ns},
+        "ops": {"metrics_port": free_port()},
+        "feed": {"updates_per_sec": rate_per_symbol},
+    }
     path = tmp / f"{ns}.toml"
-    path.write_text(text)
+    path.write_text(config.variant_text(overrides))
     return path
 
 

@@ -105,6 +105,16 @@ class StageStats:
                 idx = _HB - 1
         self.hist[hist * _HB + idx] += n
 
+    def record_batch(self, n: int, t0_ns: int, t1_ns: int, recv_ns: list[int]) -> None:
+        """Account a batch of ``n`` records worked on from ``t0_ns`` to ``t1_ns`` and published."""
+        ints = self.ints
+        ints[schema.C_PROCESSED] += n
+        ints[schema.C_PUBLISHED] += n
+        ints[schema.C_BATCHES] += 1
+        self.record_ns(schema.H_DURATION, (t1_ns - t0_ns) // n, n)
+        for recv in recv_ns:
+            self.record_ns(schema.H_E2E, t1_ns - recv)
+
     def reject(self, reason: int) -> None:
         self.ints[schema.C_REJECTS] += 1
         self.ints[schema.REJECT_COUNTERS_BASE + reason] += 1

@@ -11,6 +11,7 @@ This module imports nothing heavy (no numpy): a stage loads its config and pins 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -337,6 +338,40 @@ def load(
         return from_dict(data, source=str(p))
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
+
+
+def _bare(line: str) -> str:
+    return line.split("#", 1)[0].strip()
+
+
+def variant_text(overrides: dict[str, dict[str, Any]], *, base: str | Path | None = None) -> str:
+    """Return the TOML of ``base`` (default: the shipped file) with keys set, comments kept.
+
+    For tests, benchmarks and scripts that need "the shipped config, but ...": each value is
+    written as JSON, which TOML reads back the same for numbers, strings, lists and booleans.
+    """
+    lines = Path(base or DEFAULT_CONFIG).read_text().splitlines()
+    for section, values in overrides.items():
+        header = f"[{section}]"
+        if header not in (_bare(ln) for ln in lines):
+            lines += ["", header]
+        start = next(i for i, ln in enumerate(lines) if _bare(ln) == header)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+            len(lines),
+        )
+        for key, value in values.items():
+            line = f"{key} = {json.dumps(value)}"
+            for i in range(start + 1, end):
+                if lines[i].split("=", 1)[0].strip() == key and not lines[i].lstrip().startswith(
+                    "#"
+                ):
+                    lines[i] = line
+                    break
+            else:
+                lines.insert(start + 1, line)
+                end += 1
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -235,14 +235,7 @@ class FeatureAgent:
             t1 = time.monotonic_ns()
             fv["feature_ns"] = t1
             self._out.offer_array(fv)
-            st = self._stats
-            ints = st.ints
-            ints[schema.C_PROCESSED] += n
-            ints[schema.C_PUBLISHED] += n
-            ints[schema.C_BATCHES] += 1
-            st.record_ns(schema.H_DURATION, (t1 - t0) // n, n)
-            for recv in self._books["recv_ns"][:n].tolist():
-                st.record_ns(schema.H_E2E, t1 - recv)
+            self._stats.record_batch(n, t0, t1, self._books["recv_ns"][:n].tolist())
         if nt or n:
             self._stats.ints[schema.C_DROPPED] = self._md.dropped + self._tr.dropped
         return n + nt

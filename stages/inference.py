@@ -121,16 +121,11 @@ class InferenceAgent:
         sig["inference_ns"] = t1
         self._out.offer_array(sig)
         st = self._stats
+        st.record_batch(n, t0, t1, self._fv["recv_ns"][:n].tolist())
         ints = st.ints
-        ints[schema.C_PROCESSED] += n
-        ints[schema.C_PUBLISHED] += n
         ints[schema.C_SIGNALS] += n
         ints[schema.C_FALLBACKS] += n
-        ints[schema.C_BATCHES] += 1
         ints[schema.C_DROPPED] = self._in.dropped
-        st.record_ns(schema.H_DURATION, (t1 - t0) // n, n)
-        for recv in self._fv["recv_ns"][:n].tolist():
-            st.record_ns(schema.H_E2E, t1 - recv)
         return n
 
     def on_close(self) -> None:

@@ -40,6 +40,13 @@ class Resting:
 EventTuple = tuple[int, int, int, int, float, float, float, float, int, int, int]
 
 
+def reject_event(
+    order_id: int, symbol_id: int, side: int, px: float, reason: int, recv_ns: int
+) -> EventTuple:
+    """The event that refuses an order with a REJECT_CODE reason."""
+    return (order_id, symbol_id, schema.EV_REJECT, side, px, 0.0, 0.0, 0.0, 0, reason, recv_ns)
+
+
 @dataclass
 class PaperExchange:
     taker_fee_bps: float
@@ -196,18 +203,8 @@ class PaperExchange:
         crosses = (side > 0 and px >= ask) or (side < 0 and px <= bid)
         if tif == schema.TIF_POST_ONLY and crosses:
             out.append(
-                (
-                    order_id,
-                    s,
-                    schema.EV_REJECT,
-                    side,
-                    px,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0,
-                    schema.REJECT_CODE["post_only_would_cross"],
-                    recv_ns,
+                reject_event(
+                    order_id, s, side, px, schema.REJECT_CODE["post_only_would_cross"], recv_ns
                 )
             )
             return

@@ -29,7 +29,7 @@ from shm.ring import RingReader
 from shm.stats import StageStats
 from stages.config import Config, RiskConfig
 from stages.orders import EVENT_STRUCT, Order, pack_event
-from stages.paper import EventTuple, PaperExchange
+from stages.paper import EventTuple, PaperExchange, reject_event
 from stages.wiring import CTL_DRAINED, CTL_DRAINING, CTL_KILL, CTL_STATE, Engine
 
 GAUGE_EVERY_NS = 50_000_000
@@ -281,16 +281,11 @@ class RiskAgent:
                 if o.action == schema.ACTION_CANCEL:
                     if not ex.cancel(o.order_id, recv_ns=o.recv_ns, out=events):
                         events.append(
-                            (
+                            reject_event(
                                 o.order_id,
                                 o.symbol_id,
-                                schema.EV_REJECT,
                                 o.side,
                                 o.px,
-                                0.0,
-                                0.0,
-                                0.0,
-                                0,
                                 schema.REJECT_CODE["unknown_order"],
                                 o.recv_ns,
                             )
@@ -299,19 +294,7 @@ class RiskAgent:
                 code = self.checks.check(o, draining=bool(draining), kill=kill, state=state)
                 if code:
                     events.append(
-                        (
-                            o.order_id,
-                            o.symbol_id,
-                            schema.EV_REJECT,
-                            o.side,
-                            o.px,
-                            0.0,
-                            0.0,
-                            0.0,
-                            0,
-                            code,
-                            o.recv_ns,
-                        )
+                        reject_event(o.order_id, o.symbol_id, o.side, o.px, code, o.recv_ns)
                     )
                     if code == schema.REJECT_CODE["daily_loss"] and not ctl[CTL_KILL]:
                         ctl[CTL_KILL] = KILL_DAILY_LOSS

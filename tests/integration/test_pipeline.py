@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,18 +26,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def write_config(tmp_path: Path, ns: str, **sections: dict[str, object]) -> Path:
     """The shipped config with a private namespace and free ports, plus ``sections``."""
-    text = (ROOT / "config" / "engine.toml").read_text()
-    text = text.replace('namespace = "hft"', f'namespace = "{ns}"')
-    text = text.replace("metrics_port = 9090", f"metrics_port = {free_port()}")
-    text = text.replace("api_port = 8081", f"api_port = {free_port()}")
+    overrides: dict[str, dict[str, object]] = {
+        "engine": {"namespace": ns},
+        "ops": {"metrics_port": free_port(), "api_port": free_port()},
+    }
     for section, values in sections.items():
-        for key, value in values.items():
-            line = f"{key} = {json.dumps(value)}"
-            text, n = re.subn(rf"^{key} = .*$", line, text, count=1, flags=re.M)
-            if not n:
-                text = text.replace(f"[{section}]", f"[{section}]\n{line}", 1)
+        overrides.setdefault(section, {}).update(values)
     path = tmp_path / "engine.toml"
-    path.write_text(text)
+    path.write_text(config.variant_text(overrides))
     config.load(path)  # fail here, not in the engine, if the test wrote a bad file
     return path
 
