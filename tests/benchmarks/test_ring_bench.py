@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def _leftovers() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _no_leaks() -> None:
+def _no_leaks() -> Iterator[None]:
     yield
     assert _leftovers() == [], "segments or doorbells left in /dev/shm"
     assert psutil.Process().children() == [], "a benchmark child was not reaped"
