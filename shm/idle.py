@@ -146,6 +146,8 @@ class BlockIdle:
         except posix_ipc.BusyError:
             if self._waiting() and self._stats is not None:
                 self._stats.ints[schema.C_TIMEOUT_WAKEUPS] += 1
+        except posix_ipc.SignalError:
+            pass  # a signal (SIGTERM: the runner's handler has run) ends the sleep early
         for r in self._readers:
             r.set_sleeping(False)
         self._n = 0
