@@ -126,7 +126,7 @@ class SignalConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CpuConfig:
-    ingest: tuple[int, ...] = (1,)
+    ingest: tuple[int, ...] = (0,)
     feature: tuple[int, ...] = (1,)
     inference: tuple[int, ...] = (1,)
     route: tuple[int, ...] = (1,)

@@ -99,12 +99,12 @@ def test_stage_exits_2_on_bad_config(tmp_path: Path):
 
 def test_variant_text_sets_keys_per_section_and_keeps_the_rest(tmp_path: Path):
     text = config.variant_text(
-        {"cpu": {"ingest": [0]}, "idle": {"ingest": "backoff"}, "route": {"order_ttl_ms": 60000.0}}
+        {"cpu": {"ingest": [1]}, "idle": {"ingest": "backoff"}, "route": {"order_ttl_ms": 60000.0}}
     )
     p = tmp_path / "engine.toml"
     p.write_text(text)
     cfg = config.load(p)
-    assert cfg.cpu.ingest == (0,) and cfg.idle.ingest == "backoff"
+    assert cfg.cpu.ingest == (1,) and cfg.idle.ingest == "backoff"
     assert cfg.route.order_ttl_ms == 60000.0
     assert cfg.cpu.feature == (1,) and cfg.idle.feature == ""  # same key, other section: untouched
     assert cfg.gate == config.load().gate
