@@ -2,6 +2,7 @@
 
     hft paper [--duration S] [--config PATH] [--summary PATH] [--namespace NS]
     hft monitor [--once] [--json] [--interval S]
+    hft kill [--reset] | hft pause | hft resume      the control block of a running engine
     hft exporter | hft sim ... | hft cleanup
 
 Exit codes: 0 success, 1 runtime failure, 2 wrong usage or bad configuration.
@@ -85,6 +86,30 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return sim.main(args.rest)
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    """Flip the control block of a running engine: kill switch, pause, resume."""
+    from shm import schema, segment
+    from stages.wiring import CTL_KILL, CTL_STATE, Engine
+
+    ns = args.namespace or config.load(args.config).engine.namespace
+    try:
+        eng = Engine.attach(ns)
+    except segment.SegmentError as exc:
+        print(f"hft {args.cmd}: no engine running in namespace {ns!r} ({exc})", file=sys.stderr)
+        return 1
+    ctl = eng.control
+    if args.cmd == "kill":
+        ctl[CTL_KILL] = 0 if args.reset else 1
+    elif args.cmd == "pause":
+        ctl[CTL_STATE] = schema.CTRL_PAUSED
+    elif args.cmd == "resume":
+        ctl[CTL_STATE] = schema.CTRL_RUNNING
+    state = {schema.CTRL_RUNNING: "running", schema.CTRL_PAUSED: "paused"}.get(int(ctl[CTL_STATE]), "?")
+    kill = {0: "off", 1: "on (manual)", 2: "on (daily loss limit)"}.get(int(ctl[CTL_KILL]), "on")
+    print(f"namespace {ns}: trading {state}, kill switch {kill}")
+    return 0
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from shm import segment
 
@@ -132,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=func)
+
+    for name, help_ in (
+        ("kill", "activate the kill switch: cancel every open order, block new ones (--reset to clear)"),
+        ("pause", "stop sending new orders; resting orders stay"),
+        ("resume", "undo pause (a kill switch stays until kill --reset)"),
+    ):
+        kp = sub.add_parser(name, help=help_)
+        _add_config(kp)
+        if name == "kill":
+            kp.add_argument("--reset", action="store_true", help="clear the kill switch")
+        kp.set_defaults(func=cmd_control)
 
     cp = sub.add_parser("cleanup", help="remove shared memory left behind by crashed engines")
     cp.add_argument("--namespace", default=None)

@@ -346,8 +346,14 @@ class RingReader(_RingBase):
         self._line[R_CURSOR] = r + 1
         return rec
 
-    def read_into(self, out: np.ndarray) -> int:
-        """Copy up to ``len(out)`` waiting records into ``out``; return how many."""
+    def read_into(self, out: np.ndarray, *, commit: bool = True) -> int:
+        """Copy up to ``len(out)`` waiting records into ``out``; return how many.
+
+        With ``commit=False`` (lossless rings) the read cursor is published only by
+        ``commit()``, after the records have been acted on: a reader killed in between reads
+        them again when restarted (at-least-once, so it must recognise duplicates) instead of
+        losing them.
+        """
         r = self._r
         w = self._w_cache = int(self._wc[0])
         if r >= w:
@@ -377,8 +383,13 @@ class RingReader(_RingBase):
                 r += torn
         r += n
         self._r = r
-        self._line[R_CURSOR] = r
+        if commit or self.policy == LOSSY:
+            self._line[R_CURSOR] = r
         return n
+
+    def commit(self) -> None:
+        """Publish the read cursor: everything read so far has been acted on."""
+        self._line[R_CURSOR] = self._r
 
     def skip_to_end(self) -> int:
         """Drop everything waiting (a reader that lost its state); return how many."""

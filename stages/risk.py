@@ -270,7 +270,7 @@ class RiskAgent:
             self._kill_handled = True
         elif not (kill or draining):
             self._kill_handled = False
-        no = self._orders_in.read_into(self._orders)
+        no = self._orders_in.read_into(self._orders, commit=False)
         mono = time.monotonic_ns
         if no:
             state = int(ctl[CTL_STATE])
@@ -291,6 +291,10 @@ class RiskAgent:
                             )
                         )
                     continue
+                if o.order_id <= ints[schema.C_LAST_ORDER_ID]:
+                    ints[schema.C_DUPLICATES] += 1  # read again after a restart: already acted on
+                    continue
+                ints[schema.C_LAST_ORDER_ID] = o.order_id
                 code = self.checks.check(o, draining=bool(draining), kill=kill, state=state)
                 if code:
                     events.append(
@@ -317,6 +321,8 @@ class RiskAgent:
             ints[schema.C_PROCESSED] += no
         if events:
             self._publish(mono())
+        if no:
+            self._orders_in.commit()  # only now: an order is never lost to a crash mid-batch
         if draining and not ex.resting and not ctl[CTL_DRAINED]:
             ctl[CTL_DRAINED] = 1
         now = mono()

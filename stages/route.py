@@ -304,10 +304,11 @@ class RouteAgent:
         self._out.put(self._buf, self._wait)
 
     def do_work(self) -> int:
-        ne = self._ev_in.read_into(self._ev)
+        ne = self._ev_in.read_into(self._ev, commit=False)
         if ne:
             for rec in self._ev[:ne].tolist():
                 self.router.on_event(Event(*rec))
+            self._ev_in.commit()
         n = self._sig_in.read_into(self._sig)
         if not n:
             return ne

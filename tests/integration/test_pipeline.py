@@ -292,3 +292,48 @@ def test_monitor_once_json_reads_a_running_engine(tmp_path: Path, ns: str):
     )
     assert after.returncode == 1
     assert "no engine running" in after.stderr
+
+
+def test_manual_kill_switch_cancels_everything_and_blocks_new_orders(tmp_path: Path, ns: str):
+    cfg_path = write_config(tmp_path, ns, route={"order_ttl_ms": 60000})
+    proc = start(cfg_path, tmp_path)
+
+    def hft(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ops.cli", *args, "--namespace", ns],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        eng = wait_for(lambda: attach(ns), 30, "the engine's segments", proc)
+        wait_for(lambda: int(eng.positions["open_orders"].sum()) > 0, 90, "a resting order", proc)
+        killed = hft("kill")
+        assert killed.returncode == 0 and "kill switch on (manual)" in killed.stdout
+        wait_for(
+            lambda: int(eng.positions["open_orders"].sum()) == 0,
+            10,
+            "every resting order cancelled",
+            proc,
+        )
+        orders = counter(eng, "risk", schema.C_ORDERS)
+        time.sleep(3)
+        assert counter(eng, "risk", schema.C_ORDERS) == orders, (
+            "no order may reach the venue while killed"
+        )
+        reset = hft("kill", "--reset")
+        assert "kill switch off" in reset.stdout
+        wait_for(
+            lambda: counter(eng, "risk", schema.C_ORDERS) > orders,
+            60,
+            "trading after the reset",
+            proc,
+        )
+        paused = hft("pause")
+        assert "trading paused" in paused.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0

@@ -273,3 +273,17 @@ def test_cross_process_lossy_reader_never_sees_a_torn_record(ns):
     assert r.dropped > 0, "the writer should have lapped this slow reader"
     assert seen + r.dropped == total
     assert last == total - 1
+
+
+def test_uncommitted_reads_are_read_again_by_a_restarted_reader(ns):
+    seg, w, (r,) = make(ns, capacity=8, policy=LOSSLESS)
+    w.offer_array(recs(0, 4))
+    out = np.zeros(8, DT)
+    assert r.read_into(out, commit=False) == 4
+    assert w.free() == 4, "the writer may not reuse slots that were read but not acted on"
+    restarted = RingReader(seg, DT, 0)  # the reader died before acting on them
+    assert restarted.read_into(out, commit=False) == 4
+    check(out[:4], 0)
+    restarted.commit()
+    assert w.free() == 8
+    assert RingReader(seg, DT, 0).read_into(out) == 0
