@@ -145,7 +145,11 @@ def run_engine(*, rate_per_symbol: float, window_s: float, warmup_s: float = 3.0
 def run(*, quick: bool) -> dict[str, Any]:
     window = 15.0 if quick else 45.0
     base = run_engine(rate_per_symbol=1000, window_s=window)
-    steps = [1000, 1500, 2000, 2500, 3000] if quick else [1000, 1500, 2000, 2250, 2500, 2750, 3000, 4000]
+    steps = (
+        [1000, 1500, 2000, 2500, 3000]
+        if quick
+        else [1000, 1500, 2000, 2250, 2500, 2750, 3000, 4000]
+    )
     ramp = [base]
     best = base["processed_snapshots_per_s"] if base["sustained"] else 0.0
     for rate in steps[1:]:

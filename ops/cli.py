@@ -104,7 +104,9 @@ def cmd_control(args: argparse.Namespace) -> int:
         ctl[CTL_STATE] = schema.CTRL_PAUSED
     elif args.cmd == "resume":
         ctl[CTL_STATE] = schema.CTRL_RUNNING
-    state = {schema.CTRL_RUNNING: "running", schema.CTRL_PAUSED: "paused"}.get(int(ctl[CTL_STATE]), "?")
+    state = {schema.CTRL_RUNNING: "running", schema.CTRL_PAUSED: "paused"}.get(
+        int(ctl[CTL_STATE]), "?"
+    )
     kill = {0: "off", 1: "on (manual)", 2: "on (daily loss limit)"}.get(int(ctl[CTL_KILL]), "on")
     print(f"namespace {ns}: trading {state}, kill switch {kill}")
     return 0
@@ -159,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
 
     for name, help_ in (
-        ("kill", "activate the kill switch: cancel every open order, block new ones (--reset to clear)"),
+        (
+            "kill",
+            "activate the kill switch: cancel every open order, block new ones (--reset to clear)",
+        ),
         ("pause", "stop sending new orders; resting orders stay"),
         ("resume", "undo pause (a kill switch stays until kill --reset)"),
     ):
