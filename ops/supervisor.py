@@ -153,6 +153,8 @@ class Supervisor:
         for role in START_ORDER:
             if role == "ingest":  # the feed starts only when every consumer is ready to trade
                 self._wait_ready([r for r in START_ORDER if r != "ingest"])
+                if self._stop_requested:
+                    break
             argv = [
                 sys.executable,
                 "-m",
@@ -200,6 +202,8 @@ class Supervisor:
                     raise RuntimeError(
                         f"stage {role} exited at start (code {child.proc.returncode}); see {child.log_path}"
                     )
+            if self._stop_requested:
+                return  # Ctrl+C while starting: run() drains what started
             if pending and time.monotonic() > deadline:
                 raise RuntimeError(f"stages {pending} not ready after {timeout_s:.0f} s")
             if pending:
@@ -288,10 +292,17 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._request_stop)
         try:
             self.start()
-        except (segment.SegmentError, RuntimeError) as exc:
-            logger.error("engine failed to start: %s", exc)
+        except Exception as exc:  # whatever it was, stop what started and remove the segments
+            logger.error(
+                "engine failed to start: %s",
+                exc,
+                exc_info=not isinstance(exc, segment.SegmentError | RuntimeError),
+            )
             self._shutdown(summary=False)
             return 1
+        if self._stop_requested:
+            self._shutdown(summary=True)
+            return self.exit_code
         next_status = time.monotonic() + STATUS_EVERY_S
         try:
             while not self._stop_requested:
