@@ -529,9 +529,14 @@ class Hub:
 
 
 async def _feed(
-    *, hub: Hub, rate_per_s: float, burst_s: float, stop: asyncio.Event
+    *, hub: Hub, rate_per_s: float, burst_s: float, stop: asyncio.Event, parent_pid: int = 0
 ) -> dict[str, float]:
-    """Advance every symbol on a fixed schedule and fan the frames out."""
+    """Advance every symbol on a fixed schedule and fan the frames out.
+
+    With ``parent_pid`` the feed stops when that process is gone (its supervisor was killed):
+    an orphaned simulator would hold its port and a core for nothing.
+    """
+    next_parent_check = time.monotonic() + 1.0
     sims = list(hub.sims.values())
     book_subs = [hub.subscribers[("l2Book", s.coin)] for s in sims]
     trade_subs = [hub.subscribers[("trades", s.coin)] for s in sims]
@@ -591,6 +596,11 @@ async def _feed(
             )
             window_t, window_cpu, window_updates = now, cpu, 0
             window_sent, window_bytes, window_trades = hub.sent, hub.sent_bytes, total_trades
+        if parent_pid and now >= next_parent_check:
+            next_parent_check = now + 1.0
+            if os.getppid() != parent_pid:
+                log("parent_gone", parent_pid=parent_pid)
+                stop.set()
         next_due = t0 + (done + 1) / rate_per_s
         delay = max(next_due, now + burst_s) - time.monotonic()
         # never more than 0.1 s, so a stop request is seen promptly even at low rates;
@@ -670,7 +680,11 @@ async def _amain(args: argparse.Namespace) -> int:
             _write_ready_file(args.ready_file, port)
         log("listening", host=args.host, port=port)
         result = await _feed(
-            hub=hub, rate_per_s=args.rate, burst_s=args.burst_ms / 1000.0, stop=stop
+            hub=hub,
+            rate_per_s=args.rate,
+            burst_s=args.burst_ms / 1000.0,
+            stop=stop,
+            parent_pid=os.getppid() if args.exit_with_parent else 0,
         )
         server.close()
     elapsed = result["elapsed_s"]
@@ -699,6 +713,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--burst-ms", type=float, default=2.0, help="wake-up period of the feed")
     p.add_argument("--max-buffer-bytes", type=int, default=8 << 20)
     p.add_argument("--slow-client-s", type=float, default=10.0)
+    p.add_argument(
+        "--exit-with-parent", action="store_true", help="stop when the starting process is gone"
+    )
     args = p.parse_args(argv)
     if args.rate <= 0 or args.trade_rate < 0 or args.burst_ms <= 0:
         p.error("--rate and --burst-ms must be > 0, --trade-rate >= 0")

@@ -230,6 +230,7 @@ class Supervisor:
             str(cfg.seed),
             "--ready-file",
             str(ready),
+            "--exit-with-parent",
         ]
         self.sim = Child("sim", argv, clamp_cpus(self.cfg.cpu.sim), self.log_dir / "sim.log")
         self._spawn(self.sim)
@@ -290,6 +291,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGHUP, self._request_stop)  # terminal closed: drain, do not vanish
         try:
             self.start()
         except Exception as exc:  # whatever it was, stop what started and remove the segments
@@ -406,56 +408,83 @@ class Supervisor:
     def _shutdown(self, *, summary: bool) -> None:
         self.stopping = True
         eng = self.engine
-        if eng is not None:
-            eng.control[CTL_DRAINING] = 1
-            risk = self.children.get("risk")
-            deadline = time.monotonic() + 2.0
-            while risk and risk.proc and risk.proc.poll() is None and not eng.control[CTL_DRAINED]:
-                if time.monotonic() > deadline:
-                    logger.warning("risk did not confirm the drain within 2 s")
-                    break
-                time.sleep(0.01)
-        for role in STOP_ORDER:
-            child = self.children.get(role)
-            if child is None:
-                continue
-            if role == "risk" and eng is not None:
-                self._wait_empty(eng, "orders", "risk")
-            if role == "route" and eng is not None:
-                self._wait_empty(eng, "orders", "risk", timeout_s=0.5)
-            self._terminate(child)
-        if self.sim is not None:
-            self._terminate(self.sim)
-        if self.exporter is not None:
-            try:
-                from ops.exporter import stop_exporter
+        try:
+            if eng is not None and "risk" in self.children:
+                self._drain(eng)
+            for role in STOP_ORDER:
+                child = self.children.get(role)
+                if child is None:
+                    continue
+                if (
+                    role == "risk"
+                    and eng is not None
+                    and not self._wait_empty(eng, "orders", "risk")
+                ):
+                    logger.error("orders were still queued for risk at shutdown")
+                    self.exit_code = self.exit_code or 1
+                self._terminate(child)
+            if self.sim is not None:
+                self._terminate(self.sim)
+            if self.exporter is not None:
+                try:
+                    from ops.exporter import stop_exporter
 
-                stop_exporter(self.exporter)
-            except Exception:  # pragma: no cover - best effort at exit
-                logger.exception("exporter did not stop cleanly")
-        if eng is not None:
-            if summary:
-                doc = self.collect_summary()
-                print(
-                    format_summary(doc), file=sys.stderr if self.quiet else sys.stdout, flush=True
+                    stop_exporter(self.exporter)
+                except Exception:  # best effort at exit
+                    logger.exception("exporter did not stop cleanly")
+            if eng is not None and summary:
+                self._report()
+        finally:
+            if eng is not None:
+                eng.unlink()  # whatever happened above, leave nothing in /dev/shm
+            logger.info("engine stopped", extra={"namespace": self.ns, "exit_code": self.exit_code})
+
+    def _drain(self, eng: Engine, timeout_s: float = 5.0) -> None:
+        """Stop new orders and have risk cancel every resting one; restart risk if it is dead."""
+        eng.control[CTL_DRAINING] = 1
+        deadline = time.monotonic() + timeout_s
+        while not eng.control[CTL_DRAINED]:
+            now = time.monotonic()
+            if now > deadline:
+                logger.error(
+                    "risk did not confirm the drain: resting orders may remain",
+                    extra={"timeout_s": timeout_s},
                 )
-                if self.summary_path is not None:
-                    import orjson
+                self.exit_code = self.exit_code or 1
+                return
+            risk = self.children["risk"]
+            if risk.proc is None or risk.proc.poll() is not None:
+                self._watch(now)  # a dead risk stage is restarted to carry out the drain
+            time.sleep(0.01)
 
-                    self.summary_path.write_bytes(
-                        orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-                    )
-            eng.unlink()
-        logger.info("engine stopped", extra={"namespace": self.ns, "exit_code": self.exit_code})
+    def _report(self) -> None:
+        doc = self.collect_summary()
+        print(format_summary(doc), file=sys.stderr if self.quiet else sys.stdout, flush=True)
+        if self.summary_path is not None:
+            import orjson
+
+            try:
+                self.summary_path.write_bytes(
+                    orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+                )
+            except OSError as exc:
+                logger.error(
+                    "cannot write the summary",
+                    extra={"path": str(self.summary_path), "error": exc.strerror},
+                )
+                self.exit_code = self.exit_code or 1
 
     def _wait_empty(
         self, eng: Engine, ring_name: str, reader_role: str, timeout_s: float = 2.0
-    ) -> None:
+    ) -> bool:
+        """Wait until a reader has consumed its ring; return whether it did."""
         r = eng.reader(ring_name, reader_role)
         deadline = time.monotonic() + timeout_s
         while r.depth(r.reader) > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
+        empty = r.depth(r.reader) <= 0
         r.release()
+        return empty
 
     def _terminate(self, child: Child) -> None:
         proc = child.proc

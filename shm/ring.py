@@ -60,6 +60,7 @@ R_CURSOR: Final = 0
 R_SLEEPING: Final = 1
 R_DOORBELL: Final = 2  # 0: reader never sleeps on a doorbell; else doorbell id
 R_PID: Final = 3
+R_DROPPED: Final = 4  # records this reader lost to overruns, kept across its restarts
 
 
 def _as_bytes(recs: np.ndarray) -> np.ndarray:
@@ -187,6 +188,9 @@ class RingWriter(_RingBase):
     def __init__(self, seg: segment.Segment, dtype: np.dtype, *, namespace: str = "") -> None:
         super().__init__(seg, dtype)
         self._w: int = int(self._wc[0])
+        # A writer that died mid-write may have claimed past its published cursor; the claim
+        # must never move back, or a reader would accept a slot the dead writer half wrote.
+        self._claim: int = max(int(self._wc[1]), self._w)
         self._min_read: int = self._slowest()
         self._namespace = namespace or seg.name.split(".")[1]
         self._bells: dict[int, posix_ipc.Semaphore] = {}
@@ -209,7 +213,8 @@ class RingWriter(_RingBase):
             if w - self._min_read >= self.capacity:
                 return False
         off = (w & self.mask) * self.slot_size
-        if self.policy == LOSSY:
+        if self.policy == LOSSY and w + 1 > self._claim:
+            self._claim = w + 1
             self._wc[1] = w + 1  # claim first: a reader that copied this slot will see it
         self._bytes[off : off + self.slot_size] = rec
         w += 1
@@ -234,7 +239,8 @@ class RingWriter(_RingBase):
             recs = recs[n - self.capacity :]
             n = self.capacity
         w = self._w
-        if self.policy == LOSSY:
+        if self.policy == LOSSY and w + n > self._claim:
+            self._claim = w + n
             self._wc[1] = w + n
         sz = self.slot_size
         src = _as_bytes(recs[:n])
@@ -300,9 +306,13 @@ class RingReader(_RingBase):
         self._line = self._rl[reader]
         self._r: int = int(self._line[R_CURSOR])
         self._w_cache: int = int(self._wc[0])
-        self.dropped: int = 0
         if pid:
             self._line[R_PID] = pid
+
+    @property
+    def dropped(self) -> int:
+        """Records lost to overruns since the ring was created (survives a reader restart)."""
+        return int(self._line[R_DROPPED])
 
     # -- doorbell handshake (used by the block idle strategy) --------------------------
     def enable_doorbell(self, bell_id: int) -> None:
@@ -320,7 +330,7 @@ class RingReader(_RingBase):
     def _skip_overrun(self, w: int) -> None:
         lost = w - self.capacity - self._r
         if lost > 0:
-            self.dropped += lost
+            self._line[R_DROPPED] += lost
             self._r += lost
 
     def poll(self) -> bytes | None:
@@ -376,7 +386,7 @@ class RingReader(_RingBase):
             torn = w2 - self.capacity - r
             if torn > 0:
                 torn = min(torn, n)
-                self.dropped += torn
+                self._line[R_DROPPED] += torn
                 if torn < n:
                     dst[: (n - torn) * sz] = dst[torn * sz : n * sz].copy()
                 n -= torn
@@ -386,6 +396,10 @@ class RingReader(_RingBase):
         if commit or self.policy == LOSSY:
             self._line[R_CURSOR] = r
         return n
+
+    def read_cursor_local(self) -> int:
+        """The position of the next record this reader will read (committed or not)."""
+        return self._r
 
     def commit(self) -> None:
         """Publish the read cursor: everything read so far has been acted on."""

@@ -307,6 +307,7 @@ C_GC_FROZEN: Final = 24
 C_DRAINED: Final = 25
 C_LAST_ORDER_ID: Final = 26  # risk: highest new-order id acted on (restart de-duplication)
 C_DUPLICATES: Final = 27  # records seen again after a restart and ignored
+C_VENUE_ERRORS: Final = 28  # venue error frames and messages for symbols we did not ask for
 N_COUNTERS: Final = 32
 REJECT_COUNTERS_BASE: Final = 32  # one counter per REJECT_REASONS entry after the generic ones
 N_INT_SLOTS: Final = REJECT_COUNTERS_BASE + 32

@@ -188,6 +188,7 @@ class FeedConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: the supervisor picks a free port for the sim
     seed: int = 7
+    stale_after_ms: float = 2000.0  # connected but silent this long: books flagged stale
 
     def __post_init__(self) -> None:
         if self.source not in FEED_SOURCES:

@@ -31,6 +31,9 @@ from stages.wiring import Engine
 logger = logging.getLogger("stages.ingest")
 
 POLL_TIMEOUT_S = 0.005
+CONNECT_TIMEOUT_S = 2.0  # well inside the supervisor's hung-stage limit
+RECV_TIMEOUT_S = 0.5  # a frame that trickles in slower is finished on the next cycle
+RECONNECT_AFTER_STALE = 5  # silent for this many stale periods: drop the connection
 PING_EVERY_NS = 20_000_000_000  # Hyperliquid closes a connection idle for 60 s
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
@@ -73,7 +76,11 @@ class IngestAgent:
         self._backoff_s = BACKOFF_MIN_S
         self._next_ping_ns = 0
         self._malformed_seen = 0
+        self._venue_errors_seen = 0
         self._rng = random.Random()
+        self._stale_after_ns = int(cfg.feed.stale_after_ms * 1e6)
+        self._last_msg_ns = 0
+        self._stale = False
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> None:
@@ -83,7 +90,10 @@ class IngestAgent:
             return
         try:
             ws = websocket.create_connection(
-                self._url, timeout=5, enable_multithread=False, skip_utf8_validation=True
+                self._url,
+                timeout=CONNECT_TIMEOUT_S,
+                enable_multithread=False,
+                skip_utf8_validation=True,
             )
             for msg in subscribe_messages(self._coins):
                 ws.send(msg)
@@ -96,8 +106,10 @@ class IngestAgent:
                 extra={"url": self._url, "error": str(exc), "retry_in_s": round(delay, 3)},
             )
             return
-        ws.settimeout(5)
+        ws.settimeout(RECV_TIMEOUT_S)
         self._ws = ws
+        self._last_msg_ns = time.monotonic_ns()
+        self._stale = False
         self._backoff_s = BACKOFF_MIN_S
         self._next_ping_ns = time.monotonic_ns() + PING_EVERY_NS
         logger.info("feed connected", extra={"url": self._url, "symbols": self._coins})
@@ -105,7 +117,7 @@ class IngestAgent:
     def _disconnect(self, why: str) -> None:
         if self._ws is not None:
             try:
-                self._ws.close()
+                self._ws.shutdown()  # type: ignore[no-untyped-call]  # no closing handshake: the peer may be the problem
             except (OSError, websocket.WebSocketException):
                 pass
         self._ws = None
@@ -147,18 +159,39 @@ class IngestAgent:
             if not ready:
                 break
             try:
-                raw = ws.recv()
+                opcode, raw = (
+                    ws.recv_data()
+                )  # bytes: orjson checks the UTF-8 (a bad frame is counted)
+            except websocket.WebSocketTimeoutException:
+                break  # part of a frame: the frame buffer keeps it for the next cycle
             except (OSError, websocket.WebSocketException) as exc:
                 self._disconnect(f"{type(exc).__name__}: {exc}")
                 return n
             recv_ns = time.monotonic_ns()
-            if not raw:
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
                 self._disconnect("connection closed by the venue")
                 return n
-            self._on_message(raw, recv_ns)
-            n += 1
+            self._last_msg_ns = recv_ns
+            if self._stale:
+                self._stale = False
+                logger.info("feed alive again", extra={"url": self._url})
+            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                self._on_message(raw, recv_ns)
+                n += 1
             timeout = 0.0
         now = time.monotonic_ns()
+        silent_ns = now - self._last_msg_ns
+        if silent_ns > self._stale_after_ns and self._ws is not None:
+            if not self._stale:
+                self._stale = True
+                logger.warning(
+                    "feed silent; books flagged stale",
+                    extra={"url": self._url, "silent_ms": silent_ns // 1_000_000},
+                )
+                self._publish_stale()
+            if silent_ns > RECONNECT_AFTER_STALE * self._stale_after_ns:
+                self._disconnect(f"silent for {silent_ns / 1e9:.1f} s")
+                return n
         if now >= self._next_ping_ns and self._ws is not None:
             self._next_ping_ns = now + PING_EVERY_NS
             try:
@@ -197,6 +230,13 @@ class IngestAgent:
         if not nb:
             st.record_ns(schema.H_DURATION, t_end - recv_ns)
         st.record_ns(schema.H_E2E, t_end - recv_ns)
+        p = self._parser
+        if p.errors_from_venue + p.unknown_symbol != self._venue_errors_seen:
+            ints[schema.C_VENUE_ERRORS] += (
+                p.errors_from_venue + p.unknown_symbol - self._venue_errors_seen
+            )
+            self._venue_errors_seen = p.errors_from_venue + p.unknown_symbol
+            logger.warning("venue reported an error", extra={"error": p.last_error})
         if self._parser.malformed != self._malformed_seen:
             ints[schema.C_MALFORMED] += self._parser.malformed - self._malformed_seen
             self._malformed_seen = self._parser.malformed

@@ -40,6 +40,13 @@ class Resting:
 EventTuple = tuple[int, int, int, int, float, float, float, float, int, int, int]
 
 
+def _first_level(px: np.ndarray, sz: np.ndarray, n: int) -> float:
+    for i in range(n):
+        if sz[i] > 0:
+            return float(px[i])
+    return math.nan
+
+
 def reject_event(
     order_id: int, symbol_id: int, side: int, px: float, reason: int, recv_ns: int
 ) -> EventTuple:
@@ -59,6 +66,16 @@ class PaperExchange:
     def __post_init__(self) -> None:
         self.books = np.zeros(self.n_symbols, schema.BOOK)
         self.has_book = [False] * self.n_symbols
+        # the touch and flags as Python numbers: risk reads them per order, numpy scalars cost us
+        self.bid = [math.nan] * self.n_symbols
+        self.ask = [math.nan] * self.n_symbols
+        self.flags = [0] * self.n_symbols
+
+    def _cache_touch(self, s: int) -> None:
+        b = self.books[s]
+        self.bid[s] = _first_level(b["bid_px"], b["bid_sz"], int(b["n_bid"]))
+        self.ask[s] = _first_level(b["ask_px"], b["ask_sz"], int(b["n_ask"]))
+        self.flags[s] = int(b["flags"])
 
     # ------------------------------------------------------------------ market data
     def on_book(self, book: np.void | np.ndarray, out: list[EventTuple]) -> None:
@@ -68,10 +85,10 @@ class PaperExchange:
             return
         self.books[s] = book
         self.has_book[s] = True
-        if not self.resting or int(book["flags"]) & schema.BOOK_UNTRADEABLE:
+        self._cache_touch(s)
+        if not self.resting or self.flags[s] & schema.BOOK_UNTRADEABLE:
             return
-        bid = float(book["bid_px"][0]) if book["n_bid"] else math.nan
-        ask = float(book["ask_px"][0]) if book["n_ask"] else math.nan
+        bid, ask = self.bid[s], self.ask[s]
         for o in [o for o in self.resting.values() if o.symbol_id == s]:
             if (o.side > 0 and ask <= o.px) or (o.side < 0 and bid >= o.px):
                 self._fill_resting(o, o.leaves, out)
@@ -83,10 +100,17 @@ class PaperExchange:
                 self.on_book(books[i], out)
             return
         n_sym = self.n_symbols
+        bids = books["bid_px"][:, 0].tolist()
+        asks = books["ask_px"][:, 0].tolist()
+        nb, na = books["n_bid"].tolist(), books["n_ask"].tolist()
+        flags = books["flags"].tolist()
         for i, s in enumerate(books["symbol_id"].tolist()):
             if s < n_sym:
                 self.books[s] = books[i]
                 self.has_book[s] = True
+                self.bid[s] = bids[i] if nb[i] else math.nan
+                self.ask[s] = asks[i] if na[i] else math.nan
+                self.flags[s] = flags[i]
 
     def on_trade(self, symbol_id: int, px: float, sz: float, out: list[EventTuple]) -> None:
         """A print strictly through a resting order's price fills it up to the print's size."""
@@ -124,10 +148,13 @@ class PaperExchange:
 
     # ------------------------------------------------------------------ order entry
     def best(self, symbol_id: int) -> tuple[float, float]:
-        b = self.books[symbol_id]
-        bid = float(b["bid_px"][0]) if b["n_bid"] else math.nan
-        ask = float(b["ask_px"][0]) if b["n_ask"] else math.nan
-        return bid, ask
+        return self.bid[symbol_id], self.ask[symbol_id]
+
+    def resting_qty(self, symbol_id: int, side: int) -> float:
+        """Open quantity of our resting orders on one side of a symbol."""
+        return sum(
+            o.leaves for o in self.resting.values() if o.symbol_id == symbol_id and o.side == side
+        )
 
     def _take(
         self,
@@ -176,6 +203,7 @@ class PaperExchange:
                     recv_ns,
                 )
             )
+        self._cache_touch(s)  # what we took may have emptied the touch
         return max(left, 0.0)
 
     def submit(

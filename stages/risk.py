@@ -138,20 +138,20 @@ class RiskChecks:
             s >= self.ex.n_symbols
             or o.side not in (1, -1)
             or not (o.qty > 0 and math.isfinite(o.qty))
+            or not (o.px > 0 and math.isfinite(o.px))  # every order carries a limit
         ):
             return schema.REJECT_CODE["bad_order"]
         if not self.ex.has_book[s]:
             return schema.REJECT_CODE["no_book"]
-        flags = int(self.ex.books["flags"][s])
+        flags = self.ex.flags[s]
         if flags & schema.BOOK_STALE:
             return schema.REJECT_CODE["stale_book"]
         if flags & schema.BOOK_CROSSED:
             return schema.REJECT_CODE["crossed_book"]
-        ref = o.px if o.px > 0 and math.isfinite(o.px) else self.mark(s)
-        if not ref > 0:
-            return schema.REJECT_CODE["no_book"]
+        ref = o.px
         pos = self.pos.qty[s]
-        after = pos + o.side * o.qty
+        # worst case: this order and every resting order on its side fill
+        after = pos + o.side * (o.qty + self.ex.resting_qty(s, o.side))
         grows = abs(after) > abs(pos)
         if grows and abs(after) * ref > self.cfg.max_notional_per_symbol:
             return schema.REJECT_CODE["symbol_notional"]
@@ -197,21 +197,36 @@ class RiskAgent:
         self._events: list[EventTuple] = []
         self._kill_handled = False
         self._next_gauges_ns = 0
+        # Orders already in the ring when we start may have been acted on by the process we
+        # replace (it died before committing its read cursor): only those are checked against
+        # the id high-water mark; an order published later is always new.
+        self._reread_end = self._orders_in.write_cursor()
 
     def _wait(self) -> None:
         self._stats.ints[schema.C_BACKPRESSURE_NS] += 50_000
         time.sleep(50e-6)
 
     def _publish(self, now_ns: int) -> None:
+        """Apply and save the fills, then hand every event to route.
+
+        Positions are saved before the events go out: a stage killed in between comes back
+        with the positions the venue has, and route learns the rest from its time-to-live.
+        """
         st, ints = self._stats, self._stats.ints
-        for oid, s, kind, side, px, qty, leaves, fee, liq, reason, recv in self._events:
+        touched: set[int] = set()
+        for _oid, s, kind, side, px, qty, _leaves, fee, _liq, reason, _recv in self._events:
             if kind == schema.EV_FILL:
                 self.positions.apply_fill(s, side, px, qty, fee)
+                touched.add(s)
                 ints[schema.C_FILLS] += 1
             elif kind == schema.EV_REJECT:
                 st.reject(reason)
             elif kind in (schema.EV_CANCELED, schema.EV_EXPIRED):
                 ints[schema.C_CANCELS] += 1
+            if kind in (schema.EV_ACK, schema.EV_CANCELED, schema.EV_EXPIRED, schema.EV_FILL):
+                touched.add(s)
+        self._store_positions(touched)
+        for oid, s, kind, side, px, qty, leaves, fee, liq, reason, recv in self._events:
             pack_event(
                 self._buf,
                 order_id=oid,
@@ -230,16 +245,22 @@ class RiskAgent:
             self._out.put(self._buf, self._wait)
             ints[schema.C_PUBLISHED] += 1
         self._events.clear()
-        self._store_positions()
 
-    def _store_positions(self) -> None:
+    def _store_positions(self, symbols: set[int] | None = None) -> None:
+        """Save positions and open-order counts of ``symbols`` (default: every active one)."""
         table = self._engine.positions
         open_by_sym: dict[int, int] = {}
         for o in self.exchange.resting.values():
             open_by_sym[o.symbol_id] = open_by_sym.get(o.symbol_id, 0) + 1
-        for s in range(self.positions.n):
-            if self.positions.fills[s] or open_by_sym.get(s) or table["open_orders"][s]:
-                self.positions.store(table, s, self.checks.mark(s), open_by_sym.get(s, 0))
+        if symbols is None:
+            symbols = {
+                s
+                for s in range(self.positions.n)
+                if self.positions.fills[s] or table["open_orders"][s]
+            }
+            symbols |= set(open_by_sym)
+        for s in symbols:
+            self.positions.store(table, s, self.checks.mark(s), open_by_sym.get(s, 0))
 
     def _update_gauges(self) -> None:
         realized, unreal = self.checks.total_pnl()
@@ -255,6 +276,16 @@ class RiskAgent:
     def do_work(self) -> int:
         ints = self._stats.ints
         ex, events = self.exchange, self._events
+        ctl = self._ctl
+        mono = time.monotonic_ns
+        # the control block first: after a kill nothing may fill, not even on the next book
+        kill, draining = int(ctl[CTL_KILL]), int(ctl[CTL_DRAINING])
+        if (kill or draining) and not self._kill_handled:
+            ex.cancel_all(out=events)
+            self._kill_handled = True
+            self._publish(mono())
+        elif not (kill or draining):
+            self._kill_handled = False
         nt = self._trades_in.read_into(self._trades)
         if nt:
             for s, _side, _tid, _exch, _recv, _ing, px, sz in self._trades[:nt].tolist():
@@ -263,38 +294,27 @@ class RiskAgent:
         if nb:
             ex.on_books(self._books[:nb], events)
             ints[schema.C_SNAPSHOTS] += nb
-        ctl = self._ctl
-        kill, draining = int(ctl[CTL_KILL]), int(ctl[CTL_DRAINING])
-        if (kill or draining) and not self._kill_handled:
-            ex.cancel_all(out=events)
-            self._kill_handled = True
-        elif not (kill or draining):
-            self._kill_handled = False
+        if events:
+            self._publish(mono())
+        first = self._orders_in.read_cursor_local()
         no = self._orders_in.read_into(self._orders, commit=False)
-        mono = time.monotonic_ns
         if no:
             state = int(ctl[CTL_STATE])
             st = self._stats
-            for rec in self._orders[:no].tolist():
+            for i, rec in enumerate(self._orders[:no].tolist()):
                 o = Order(*rec)
                 t0 = mono()
                 if o.action == schema.ACTION_CANCEL:
                     if not ex.cancel(o.order_id, recv_ns=o.recv_ns, out=events):
+                        code = schema.REJECT_CODE["unknown_order"]
                         events.append(
-                            reject_event(
-                                o.order_id,
-                                o.symbol_id,
-                                o.side,
-                                o.px,
-                                schema.REJECT_CODE["unknown_order"],
-                                o.recv_ns,
-                            )
+                            reject_event(o.order_id, o.symbol_id, o.side, o.px, code, o.recv_ns)
                         )
+                    self._publish(mono())
                     continue
-                if o.order_id <= ints[schema.C_LAST_ORDER_ID]:
+                if first + i < self._reread_end and o.order_id <= ints[schema.C_LAST_ORDER_ID]:
                     ints[schema.C_DUPLICATES] += 1  # read again after a restart: already acted on
                     continue
-                ints[schema.C_LAST_ORDER_ID] = o.order_id
                 code = self.checks.check(o, draining=bool(draining), kill=kill, state=state)
                 if code:
                     events.append(
@@ -303,25 +323,25 @@ class RiskAgent:
                     if code == schema.REJECT_CODE["daily_loss"] and not ctl[CTL_KILL]:
                         ctl[CTL_KILL] = KILL_DAILY_LOSS
                     st.record_ns(schema.H_DURATION, mono() - t0)
-                    continue
-                t1 = mono()
-                st.record_ns(schema.H_DURATION, t1 - t0)
-                st.record_ns(schema.H_E2E, t1 - o.recv_ns)  # tick-to-order: handed to the venue
-                ints[schema.C_ORDERS] += 1
-                ex.submit(
-                    order_id=o.order_id,
-                    symbol_id=o.symbol_id,
-                    side=o.side,
-                    tif=o.tif,
-                    px=o.px,
-                    qty=o.qty,
-                    recv_ns=o.recv_ns,
-                    out=events,
-                )
+                else:
+                    t1 = mono()
+                    st.record_ns(schema.H_DURATION, t1 - t0)
+                    st.record_ns(schema.H_E2E, t1 - o.recv_ns)  # tick-to-order: handed to the venue
+                    ints[schema.C_ORDERS] += 1
+                    ex.submit(
+                        order_id=o.order_id,
+                        symbol_id=o.symbol_id,
+                        side=o.side,
+                        tif=o.tif,
+                        px=o.px,
+                        qty=o.qty,
+                        recv_ns=o.recv_ns,
+                        out=events,
+                    )
+                self._publish(mono())
+                # acted on and reported: a restart that reads this order again skips it
+                ints[schema.C_LAST_ORDER_ID] = max(int(ints[schema.C_LAST_ORDER_ID]), o.order_id)
             ints[schema.C_PROCESSED] += no
-        if events:
-            self._publish(mono())
-        if no:
             self._orders_in.commit()  # only now: an order is never lost to a crash mid-batch
         if draining and not ex.resting and not ctl[CTL_DRAINED]:
             ctl[CTL_DRAINED] = 1

@@ -45,6 +45,7 @@ SKIP_OPEN_ORDERS: Final = "open_orders"
 SKIP_POSITION: Final = "position_limit"
 SKIP_SIZE: Final = "min_size"
 SKIP_STALE: Final = "stale_signal"
+SKIP_FORGOTTEN: Final = "forgotten_order"  # not a skip: an order whose final event never came
 
 
 @dataclass(slots=True)
@@ -126,9 +127,19 @@ class Router:
         return sum(1 for o in self.open_orders.values() if o.symbol_id == symbol_id)
 
     def cancels_for(self, symbol_id: int, direction: int, now_ns: int) -> list[OpenOrder]:
-        """Resting orders of a symbol to cancel: too old, or the signal turned against them."""
+        """Resting orders of a symbol to cancel: too old, or the signal turned against them.
+
+        An order that never got its final event within two lives (an IOC whose events were
+        lost with a crashed risk stage, a cancel never answered) is forgotten and counted,
+        so that it cannot hold the symbol's open-order slots for ever.
+        """
         ttl_ns = int(self.route.order_ttl_ms * 1e6)
         out = []
+        for oid in [
+            o.order_id for o in self.open_orders.values() if now_ns - o.sent_ns > 2 * ttl_ns
+        ]:
+            del self.open_orders[oid]
+            self._skip(SKIP_FORGOTTEN)
         for o in self.open_orders.values():
             if o.symbol_id != symbol_id or o.cancel_sent or o.style == schema.STYLE_TAKER_NOW:
                 continue
@@ -262,8 +273,12 @@ class RouteAgent:
             route=cfg.route,
             risk=cfg.risk,
             specs=load_specs(engine),
-            next_order_id=time.time_ns() // 1000,  # unique across restarts of this stage
+            # ids only grow, across restarts too (risk recognises re-read orders by them)
+            next_order_id=max(time.time_ns() // 1000, int(stats.ints[schema.C_LAST_ORDER_ID]) + 1),
         )
+        for s, qty in enumerate(engine.positions["qty"].tolist()):  # the position risk saved
+            if qty:
+                self.router.position[s] = qty
 
     def _halted(self) -> bool:
         c = self._ctl
@@ -370,6 +385,7 @@ class RouteAgent:
             )
             if order is not None:
                 t1 = mono()
+                ints[schema.C_LAST_ORDER_ID] = order.order_id  # before it can exist anywhere
                 self._send(
                     oid=order.order_id,
                     sym=sym,

@@ -287,3 +287,28 @@ def test_uncommitted_reads_are_read_again_by_a_restarted_reader(ns):
     restarted.commit()
     assert w.free() == 8
     assert RingReader(seg, DT, 0).read_into(out) == 0
+
+
+def test_dropped_count_survives_a_reader_restart(ns):
+    seg, w, (r,) = make(ns, capacity=8, policy=LOSSY)
+    w.offer_array(recs(0, 8))
+    w.offer_array(recs(8, 8))
+    out = np.zeros(8, DT)
+    r.read_into(out)
+    assert r.dropped == 8
+    assert RingReader(seg, DT, 0).dropped == 8
+
+
+def test_a_restarted_writer_never_lowers_the_claim(ns):
+    seg, w, (r,) = make(ns, capacity=8, policy=LOSSY)
+    w.offer_array(recs(0, 8))  # positions 0..7; the reader has read none
+    # a writer claims positions 8..11 (they overwrite 0..3), writes half a record, and dies
+    w._wc[1] = 12
+    w._u8[: DT.itemsize // 2] = 0xFF
+    restarted = RingWriter(seg, DT, namespace=ns)
+    assert restarted.offer(one(8))  # resumes at the published cursor 8
+    out = np.zeros(8, DT)
+    n = r.read_into(out)
+    # positions 0..3 may be torn (the dead writer claimed them): they are dropped, never delivered
+    assert r.dropped >= 4
+    check(out[:n], 8 - n + 1)

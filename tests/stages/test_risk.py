@@ -216,6 +216,10 @@ def test_engine_state_rejects_in_precedence_order() -> None:
         {"side": 2},
         {"symbol_id": 4},
         {"symbol_id": 1000},
+        {"px": math.nan},  # every order carries a limit: a NaN one would sweep the book
+        {"px": 0.0},
+        {"px": -5.0},
+        {"px": math.inf},
     ],
 )
 def test_bad_order(kw: dict[str, Any]) -> None:
@@ -225,9 +229,8 @@ def test_bad_order(kw: dict[str, Any]) -> None:
 def test_no_book() -> None:
     rc = setup_checks()
     assert check(rc, order(symbol_id=2)) == "no_book"  # never had a book
-    # a one-sided book has no mark: a market order has no reference price
-    assert check(rc, order(symbol_id=3, px=math.nan, qty=1.0)) == "no_book"
-    assert check(rc, order(symbol_id=3, px=20.0, qty=1.0)) == "none"  # a limit price does
+    # a one-sided book is still a book: a limit order on it is checked on its limit price
+    assert check(rc, order(symbol_id=3, px=20.0, qty=1.0)) == "none"
 
 
 @pytest.mark.parametrize(
@@ -252,10 +255,10 @@ def test_symbol_notional() -> None:
     assert check(rc, order(px=100.0, qty=cap / 100.0 * 1.001)) == "symbol_notional"
     assert check(rc, order(px=100.0, qty=cap / 100.0 * 0.999)) == "none"
     assert check(rc, order(side=-1, px=100.0, qty=cap / 100.0 * 1.001)) == "symbol_notional"
-    # a market order is valued at the mark
-    q = cap / 100.0 * 0.999  # under the cap at 100, over it at the mark 100.25
-    assert q * MARK0 > cap
-    assert check(rc, order(px=math.nan, qty=q)) == "symbol_notional"
+    # resting orders on the same side count as if filled
+    rc.ex.submit(order_id=77, symbol_id=0, side=1, tif=schema.TIF_POST_ONLY, px=99.0, qty=50.0, recv_ns=0, out=[])
+    assert check(rc, order(px=100.0, qty=51.0)) == "symbol_notional"
+    rc.ex.cancel(77, recv_ns=0, out=[])
     # the position counts: 60 held + 41 more at 100 is over
     rc.pos.apply_fill(0, 1, 100.0, 60.0, 0.0)
     assert check(rc, order(px=100.0, qty=41.0)) == "symbol_notional"
@@ -268,7 +271,7 @@ def test_reduce_only_passes_over_the_symbol_cap() -> None:
     assert CFG.max_notional_per_symbol < 150.0 * MARK0
     assert check(rc, order(side=-1, px=100.5, qty=10.0)) == "none"
     assert check(rc, order(side=-1, px=100.5, qty=150.0)) == "none"  # to flat
-    assert check(rc, order(side=-1, px=math.nan, qty=10.0)) == "none"
+    assert check(rc, order(side=-1, px=99.0, qty=10.0)) == "none"
     assert check(rc, order(side=1, px=100.0, qty=0.01)) == "symbol_notional"
     assert check(rc, order(side=-1, px=100.0, qty=301.0)) == "symbol_notional"  # flips bigger
 
