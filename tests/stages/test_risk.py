@@ -256,7 +256,16 @@ def test_symbol_notional() -> None:
     assert check(rc, order(px=100.0, qty=cap / 100.0 * 0.999)) == "none"
     assert check(rc, order(side=-1, px=100.0, qty=cap / 100.0 * 1.001)) == "symbol_notional"
     # resting orders on the same side count as if filled
-    rc.ex.submit(order_id=77, symbol_id=0, side=1, tif=schema.TIF_POST_ONLY, px=99.0, qty=50.0, recv_ns=0, out=[])
+    rc.ex.submit(
+        order_id=77,
+        symbol_id=0,
+        side=1,
+        tif=schema.TIF_POST_ONLY,
+        px=99.0,
+        qty=50.0,
+        recv_ns=0,
+        out=[],
+    )
     assert check(rc, order(px=100.0, qty=51.0)) == "symbol_notional"
     rc.ex.cancel(77, recv_ns=0, out=[])
     # the position counts: 60 held + 41 more at 100 is over
