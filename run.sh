@@ -58,7 +58,7 @@ case "$cmd" in
         exec "$VENV/bin/hft" "$cmd" "$@"
         ;;
     ""|-h|--help|help)
-        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
         echo "run.sh: unknown command '$cmd' (expected paper, live, backtest, test, bench, monitor, terminal)" >&2
