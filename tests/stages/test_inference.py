@@ -12,19 +12,9 @@ from stages.config import GateConfig, RiskConfig, RouteConfig, SignalConfig
 from stages.feature import FeatureState, compute_features
 from stages.inference import fallback_signals
 from stages.route import Router, SymbolSpec
+from tests.books import make_book
 
 Levels = list[tuple[float, float]]
-
-
-def make_book(bids: Levels, asks: Levels, *, flags: int = schema.BOOK_SNAPSHOT) -> np.ndarray:
-    rec = np.zeros(1, schema.BOOK)
-    rec["flags"] = flags
-    rec["n_bid"], rec["n_ask"] = len(bids), len(asks)
-    for i, (px, sz) in enumerate(bids):
-        rec["bid_px"][0, i], rec["bid_sz"][0, i] = px, sz
-    for i, (px, sz) in enumerate(asks):
-        rec["ask_px"][0, i], rec["ask_sz"][0, i] = px, sz
-    return rec
 
 
 def features_of(*books: np.ndarray) -> np.ndarray:

@@ -10,10 +10,12 @@ import pytest
 
 from shm import schema
 from stages.paper import EventTuple, PaperExchange
+from tests import books
 
 TAKER_BPS, MAKER_BPS = 4.5, 1.5
 BIDS = [(100.0, 1.0), (99.5, 2.0), (99.0, 3.0)]
 ASKS = [(100.5, 1.0), (101.0, 2.0), (101.5, 3.0)]
+
 Levels = list[tuple[float, float]]
 
 
@@ -38,15 +40,7 @@ def make_book(
     symbol_id: int = 0,
     flags: int = schema.BOOK_SNAPSHOT,
 ) -> np.void:
-    rec = np.zeros(1, schema.BOOK)
-    rec["symbol_id"] = symbol_id
-    rec["flags"] = flags
-    rec["n_bid"], rec["n_ask"] = len(bids), len(asks)
-    for i, (px, sz) in enumerate(bids):
-        rec["bid_px"][0, i], rec["bid_sz"][0, i] = px, sz
-    for i, (px, sz) in enumerate(asks):
-        rec["ask_px"][0, i], rec["ask_sz"][0, i] = px, sz
-    return rec[0]
+    return books.make_book(bids, asks, symbol_id=symbol_id, flags=flags)[0]
 
 
 def exchange(*books: np.void) -> PaperExchange:

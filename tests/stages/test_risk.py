@@ -13,6 +13,7 @@ from stages.config import RiskConfig
 from stages.orders import Order
 from stages.paper import EventTuple, PaperExchange
 from stages.risk import Positions, RiskChecks
+from tests import books
 
 Levels = list[tuple[float, float]]
 CODE = schema.REJECT_CODE
@@ -21,15 +22,7 @@ CODE = schema.REJECT_CODE
 def make_book(
     bids: Levels, asks: Levels, *, symbol_id: int = 0, flags: int = schema.BOOK_SNAPSHOT
 ) -> np.void:
-    rec = np.zeros(1, schema.BOOK)
-    rec["symbol_id"] = symbol_id
-    rec["flags"] = flags
-    rec["n_bid"], rec["n_ask"] = len(bids), len(asks)
-    for i, (px, sz) in enumerate(bids):
-        rec["bid_px"][0, i], rec["bid_sz"][0, i] = px, sz
-    for i, (px, sz) in enumerate(asks):
-        rec["ask_px"][0, i], rec["ask_sz"][0, i] = px, sz
-    return rec[0]
+    return books.make_book(bids, asks, symbol_id=symbol_id, flags=flags)[0]
 
 
 # ---------------------------------------------------------------- positions
