@@ -94,23 +94,29 @@ class PaperExchange:
                 self._fill_resting(o, o.leaves, out)
 
     def on_books(self, books: np.ndarray, out: list[EventTuple]) -> None:
-        """Take a batch of snapshots in order (cheap when nothing rests)."""
-        if self.resting:
-            for i in range(len(books)):
-                self.on_book(books[i], out)
-            return
+        """Take a batch of snapshots in order: the touch of each as Python floats (resting
+        orders are checked against every one), the full record only of each symbol's last."""
         n_sym = self.n_symbols
         bids = books["bid_px"][:, 0].tolist()
         asks = books["ask_px"][:, 0].tolist()
         nb, na = books["n_bid"].tolist(), books["n_ask"].tolist()
         flags = books["flags"].tolist()
+        last: dict[int, int] = {}
+        nan = math.nan
         for i, s in enumerate(books["symbol_id"].tolist()):
-            if s < n_sym:
-                self.books[s] = books[i]
-                self.has_book[s] = True
-                self.bid[s] = bids[i] if nb[i] else math.nan
-                self.ask[s] = asks[i] if na[i] else math.nan
-                self.flags[s] = flags[i]
+            if s >= n_sym:
+                continue
+            last[s] = i
+            bid = bids[i] if nb[i] else nan
+            ask = asks[i] if na[i] else nan
+            self.bid[s], self.ask[s], self.flags[s] = bid, ask, flags[i]
+            if self.resting and not flags[i] & schema.BOOK_UNTRADEABLE:
+                for o in [o for o in self.resting.values() if o.symbol_id == s]:
+                    if (o.side > 0 and ask <= o.px) or (o.side < 0 and bid >= o.px):
+                        self._fill_resting(o, o.leaves, out)
+        for s, i in last.items():
+            self.books[s] = books[i]
+            self.has_book[s] = True
 
     def on_trade(self, symbol_id: int, px: float, sz: float, out: list[EventTuple]) -> None:
         """A print strictly through a resting order's price fills it up to the print's size."""
