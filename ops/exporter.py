@@ -451,6 +451,28 @@ class ShmCollector(Collector):
             )
         )
         fams.append(
+            CounterMetricFamily(
+                "hft_venue_errors_total",
+                "Venue error frames and messages for symbols not subscribed.",
+                value=int(ingest[schema.C_VENUE_ERRORS]),
+            )
+        )
+        fams.append(
+            CounterMetricFamily(
+                "hft_stale_books_total",
+                "Books published flagged stale (disconnect or silence).",
+                value=int(ingest[schema.C_STALE]),
+            )
+        )
+        fams.append(
+            _per_stage_counter(
+                blocks,
+                "hft_duplicates_total",
+                "Records read again after a restart and ignored.",
+                schema.C_DUPLICATES,
+            )
+        )
+        fams.append(
             GaugeMetricFamily(
                 "hft_pnl_realized",
                 "Realised PnL after fees, quote currency.",

@@ -173,6 +173,8 @@ def test_engine_level_metrics(engine: Engine, port: int) -> None:
     ingest.add(schema.C_PUBLISHED, 10)
     ingest.add(schema.C_MALFORMED, 4)
     ingest.add(schema.C_RECONNECTS, 2)
+    ingest.add(schema.C_VENUE_ERRORS, 3)
+    ingest.add(schema.C_STALE, 7)
     feature.add(schema.C_PROCESSED, 10)
     risk.record_ns(schema.H_E2E, 40_000, 6)
     risk.add(schema.C_FILLS, 5)
@@ -206,6 +208,9 @@ def test_engine_level_metrics(engine: Engine, port: int) -> None:
     assert sample(fams, "hft_stage_restarts", restarts, stage="ingest") == 0
     assert sample(fams, "hft_reconnects", "hft_reconnects_total") == 2
     assert sample(fams, "hft_fills", "hft_fills_total") == 5
+    assert sample(fams, "hft_venue_errors", "hft_venue_errors_total") == 3
+    assert sample(fams, "hft_stale_books", "hft_stale_books_total") == 7
+    assert sample(fams, "hft_duplicates", "hft_duplicates_total", stage="risk") == 0
     assert sample(fams, "hft_pnl_realized", "hft_pnl_realized") == 12.5
     assert sample(fams, "hft_pnl_unrealized", "hft_pnl_unrealized") == -3.25
     assert sample(fams, "hft_fees", "hft_fees_total") == 0.75
