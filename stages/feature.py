@@ -31,22 +31,23 @@ from numba import njit
 
 from shm import schema
 from shm.ring import RingReader
+from shm.schema import (  # module globals: numba folds them into the compiled kernel
+    F_DEPTH_IMB,
+    F_MICRO_DEV_BPS,
+    F_MICROPRICE,
+    F_OBI,
+    F_OFI,
+    F_RVOL_BPS,
+    F_SPREAD_BPS,
+    F_TRADE_INTENSITY,
+    N_FEATURES_V1,
+)
 from shm.stats import StageStats
 from stages.config import Config
 from stages.wiring import Engine
 
 DEPTH_LEVELS: Final = 10
 INTENSITY_TAU_S: Final = 1.0
-N_FEATURES: Final = schema.N_FEATURES_V1
-# feature indices as plain module constants: numba folds them into the compiled kernel
-F_SPREAD_BPS: Final = schema.F_SPREAD_BPS
-F_MICROPRICE: Final = schema.F_MICROPRICE
-F_MICRO_DEV_BPS: Final = schema.F_MICRO_DEV_BPS
-F_OBI: Final = schema.F_OBI
-F_DEPTH_IMB: Final = schema.F_DEPTH_IMB
-F_RVOL_BPS: Final = schema.F_RVOL_BPS
-F_OFI: Final = schema.F_OFI
-F_TRADE_INTENSITY: Final = schema.F_TRADE_INTENSITY
 
 
 class FeatureState:
@@ -125,7 +126,7 @@ def _compute(
         o["ask_sz"] = aq
         if bk["n_bid"] == 0 or bk["n_ask"] == 0 or s >= n_sym:
             o["mid"] = nan
-            for k in range(N_FEATURES):
+            for k in range(N_FEATURES_V1):
                 v[k] = nan
             continue
         mid = (b + a) * 0.5

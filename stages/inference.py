@@ -18,25 +18,25 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Final
 
 import numpy as np
 from numba import njit
 
 from shm import schema
 from shm.ring import RingReader
+from shm.schema import (  # module globals: numba folds them into the compiled kernel
+    BOOK_UNTRADEABLE,
+    F_DEPTH_IMB,
+    F_MICRO_DEV_BPS,
+    F_OBI,
+    F_RVOL_BPS,
+    F_SPREAD_BPS,
+    SIG_FALLBACK,
+    SIG_UNTRADEABLE,
+)
 from shm.stats import StageStats
 from stages.config import Config, SignalConfig
 from stages.wiring import Engine
-
-F_SPREAD_BPS: Final = schema.F_SPREAD_BPS
-F_MICRO_DEV_BPS: Final = schema.F_MICRO_DEV_BPS
-F_OBI: Final = schema.F_OBI
-F_DEPTH_IMB: Final = schema.F_DEPTH_IMB
-F_RVOL_BPS: Final = schema.F_RVOL_BPS
-SIG_FALLBACK: Final = schema.SIG_FALLBACK
-SIG_UNTRADEABLE: Final = schema.SIG_UNTRADEABLE
-BOOK_UNTRADEABLE: Final = schema.BOOK_UNTRADEABLE
 
 
 @njit(cache=True, nogil=True)
