@@ -38,7 +38,7 @@ import psutil
 
 from shm import schema, segment, stats
 from stages.config import ROLES, Config
-from stages.instruments import instrument
+from stages.instruments import fill_symbol_table, instrument
 from stages.wiring import (
     CTL_DRAINED,
     CTL_DRAINING,
@@ -130,17 +130,7 @@ class Supervisor:
         self.engine = eng = Engine.create(cfg)
         eng.control[CTL_MODE] = schema.MODE_CODES[cfg.engine.mode]
         eng.control[CTL_EPOCH] = time.time_ns()
-        for i, name in enumerate(cfg.feed.symbols):
-            ins = instrument(name)
-            eng.symbols[i] = (
-                name.encode(),
-                cfg.feed.source.encode(),
-                ins.tick_size,
-                ins.lot_size,
-                ins.min_notional,
-                1,
-                0,
-            )
+        fill_symbol_table(eng.symbols, [instrument(name) for name in cfg.feed.symbols])
         sup_stats = eng.block_stats(stats.SUPERVISOR_BLOCK)
         sup_stats.set(schema.C_PID, os.getpid())
         sup_stats.set(schema.C_STARTED_NS, time.monotonic_ns())

@@ -20,7 +20,7 @@ from typing import Final
 
 import numpy as np
 
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 BOOK_DEPTH: Final = 20
 MAX_FEATURES: Final = 16
 MAX_SYMBOLS: Final = 64
@@ -251,13 +251,33 @@ CONTROL = np.dtype(
 
 SYMBOL = np.dtype(
     [
-        ("name", f"S{SYMBOL_NAME_LEN}"),
-        ("venue", "S16"),
-        ("tick_size", "<f8"),
-        ("lot_size", "<f8"),
-        ("min_notional", "<f8"),
+        ("name", f"S{SYMBOL_NAME_LEN}"),  # engine name ("BTC"), what config and metrics use
+        ("venue", "S16"),  # "sim" | "hyperliquid" | "binance"
+        ("venue_symbol", "S32"),  # the venue's own name ("BTC", "BTCUSDT")
+        ("tick_size", "<f8"),  # finest price increment
+        ("lot_size", "<f8"),  # quantity increment
+        ("min_notional", "<f8"),  # quote currency
+        ("px_sig_figs", "<u4"),  # > 0: prices carry at most this many significant figures
+        ("px_max_decimals", "<u4"),  # with px_sig_figs: at most this many decimals
         ("active", "<u4"),
         ("_pad", "<u4"),
+    ],
+    align=True,
+)
+
+# mark price, funding and open interest (Binance markPrice, Hyperliquid activeAssetCtx)
+MARK = np.dtype(
+    [
+        ("symbol_id", "<u4"),
+        ("flags", "<u4"),
+        ("exch_ns", "<i8"),
+        ("recv_ns", "<i8"),
+        ("ingest_ns", "<i8"),
+        ("mark_px", "<f8"),
+        ("index_px", "<f8"),  # Binance index price, Hyperliquid oracle price; NaN if unknown
+        ("funding_rate", "<f8"),  # per funding interval (Binance 8 h, Hyperliquid 1 h)
+        ("next_funding_ns", "<i8"),  # ns since the epoch; 0 if the venue does not say
+        ("open_interest", "<f8"),  # base units; NaN if the venue does not say
     ],
     align=True,
 )
@@ -308,6 +328,9 @@ C_DRAINED: Final = 25
 C_LAST_ORDER_ID: Final = 26  # risk: highest new-order id acted on (restart de-duplication)
 C_DUPLICATES: Final = 27  # records seen again after a restart and ignored
 C_VENUE_ERRORS: Final = 28  # venue error frames and messages for symbols we did not ask for
+C_RESYNCS: Final = 29  # local books rebuilt from a fresh snapshot
+C_GAPS: Final = 30  # sequence gaps detected in a venue's diff stream
+C_RATE_LIMITED: Final = 31  # venue REST answers 429/418, and requests held back by our own limiter
 N_COUNTERS: Final = 32
 REJECT_COUNTERS_BASE: Final = 32  # one counter per REJECT_REASONS entry after the generic ones
 N_INT_SLOTS: Final = REJECT_COUNTERS_BASE + 32
@@ -346,6 +369,7 @@ ALL_DTYPES: Final = {
     "ORDER_EVENT": ORDER_EVENT,
     "CONTROL": CONTROL,
     "SYMBOL": SYMBOL,
+    "MARK": MARK,
     "POSITION": POSITION,
     "STAGE_STATS": STAGE_STATS,
 }
@@ -358,7 +382,8 @@ _EXPECTED_SIZES: Final = {
     "ORDER": 96,
     "ORDER_EVENT": 72,
     "CONTROL": 176,
-    "SYMBOL": 64,
+    "SYMBOL": 104,
+    "MARK": 72,
     "POSITION": 72,
     "STAGE_STATS": 3264,
 }

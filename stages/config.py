@@ -180,6 +180,9 @@ class IdleConfig:
         return v or self.default
 
 
+STALE_AFTER_MS_DEFAULT: Final = {"sim": 2000.0, "hyperliquid": 5000.0, "binance": 3000.0}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedConfig:
     source: str = "sim"
@@ -188,7 +191,19 @@ class FeedConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: the supervisor picks a free port for the sim
     seed: int = 7
-    stale_after_ms: float = 2000.0  # connected but silent this long: books flagged stale
+    stale_after_ms: float = 0.0  # connected but silent this long: books flagged stale; 0: venue's
+    ws_url: str = ""  # "" = the venue's public endpoint (Binance: the base, routed paths added)
+    rest_url: str = ""  # "" = the venue's public REST endpoint
+    testnet: bool = False  # use the venue's testnet endpoints when the URLs are not given
+    binance_depth_ms: int = 100  # Binance diff-depth stream speed: 0 | 100 | 250 | 500
+    snapshot_depth: int = 1000  # Binance REST depth snapshot levels (weight 20 at 1000)
+    max_connection_age_s: float = 82_800.0  # reconnect before the venue's 24 h cut-off
+    rest_weight_per_min: int = 1200  # our REST weight budget (Binance allows 2400 per IP)
+    cache_dir: str = "var/cache"  # venue symbol rules cached here, used when a fetch fails
+
+    def stale_after_ms_for(self, venue: str) -> float:
+        """The silence threshold of a venue: the configured one, else the venue's default."""
+        return self.stale_after_ms or STALE_AFTER_MS_DEFAULT[venue]
 
     def __post_init__(self) -> None:
         if self.source not in FEED_SOURCES:
@@ -206,6 +221,27 @@ class FeedConfig:
             raise ConfigError(f"feed.port must be 0..65535, got {self.port!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"feed.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stale_after_ms, (int, float)) or self.stale_after_ms < 0:
+            raise ConfigError(f"feed.stale_after_ms must be >= 0, got {self.stale_after_ms!r}")
+        for key in ("ws_url", "rest_url"):
+            url = getattr(self, key)
+            if not isinstance(url, str) or (url and "://" not in url):
+                raise ConfigError(f"feed.{key} must be a URL like ws://host:port, got {url!r}")
+        if not isinstance(self.testnet, bool):
+            raise ConfigError(f"feed.testnet must be true or false, got {self.testnet!r}")
+        if self.binance_depth_ms not in (0, 100, 250, 500):
+            raise ConfigError(
+                f"feed.binance_depth_ms must be 0, 100, 250 or 500, got {self.binance_depth_ms!r}"
+            )
+        if self.snapshot_depth not in (5, 10, 20, 50, 100, 500, 1000):
+            raise ConfigError(
+                "feed.snapshot_depth must be one of 5, 10, 20, 50, 100, 500, 1000, "
+                f"got {self.snapshot_depth!r}"
+            )
+        _positive("feed", "max_connection_age_s", self.max_connection_age_s)
+        _positive("feed", "rest_weight_per_min", self.rest_weight_per_min)
+        if not isinstance(self.cache_dir, str) or not self.cache_dir:
+            raise ConfigError(f"feed.cache_dir must be a directory path, got {self.cache_dir!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,6 +264,7 @@ class OpsConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RingsConfig:
     md_capacity: int = 4096
+    mark_capacity: int = 256
     features_capacity: int = 4096
     signals_capacity: int = 4096
     orders_capacity: int = 1024

@@ -64,6 +64,16 @@ class FeatureState:
         self.prev_top = np.zeros((n_symbols, 4))  # b, B, a, A of the previous book
         self.intensity = np.zeros(n_symbols)
         self.last_trade_ns = np.zeros(n_symbols, np.int64)
+        self.mark_px = np.full(n_symbols, np.nan)  # latest venue mark price
+        self.funding_rate = np.zeros(n_symbols)  # latest funding rate per interval
+
+
+def update_marks(marks: np.ndarray, state: FeatureState) -> None:
+    """Keep the latest mark price and funding rate of every symbol (last one wins)."""
+    sids = marks["symbol_id"].astype(np.int64)
+    ok = sids < len(state.mark_px)
+    state.mark_px[sids[ok]] = marks["mark_px"][ok]
+    state.funding_rate[sids[ok]] = marks["funding_rate"][ok]
 
 
 @njit(cache=True, nogil=True)
@@ -210,7 +220,9 @@ class FeatureAgent:
     def __init__(self, cfg: Config, engine: Engine, stats: StageStats, *, batch: int = 64) -> None:
         self._md = engine.reader("md_book", "feature")
         self._tr = engine.reader("md_trade", "feature")
-        self.readers: list[RingReader] = [self._md, self._tr]
+        self._mk = engine.reader("md_mark", "feature")
+        self.readers: list[RingReader] = [self._md, self._tr, self._mk]
+        self._marks = np.zeros(16, schema.MARK)
         self._out = engine.writer("features")
         self._books = np.zeros(batch, schema.BOOK)
         self._trades = np.zeros(batch * 4, schema.TRADE)
@@ -224,6 +236,9 @@ class FeatureAgent:
         update_trades(self._trades[:1], warm)
 
     def do_work(self) -> int:
+        nm = self._mk.read_into(self._marks)
+        if nm:
+            update_marks(self._marks[:nm], self.state)
         nt = self._tr.read_into(self._trades)
         if nt:
             update_trades(self._trades[:nt], self.state)
@@ -239,7 +254,7 @@ class FeatureAgent:
             self._stats.record_batch(n, t0, t1, self._books["recv_ns"][:n].tolist())
         if nt or n:
             self._stats.ints[schema.C_DROPPED] = self._md.dropped + self._tr.dropped
-        return n + nt
+        return n + nt + nm
 
     def on_close(self) -> None:
         pass

@@ -78,7 +78,7 @@ class IngestAgent:
         self._malformed_seen = 0
         self._venue_errors_seen = 0
         self._rng = random.Random()
-        self._stale_after_ns = int(cfg.feed.stale_after_ms * 1e6)
+        self._stale_after_ns = int(cfg.feed.stale_after_ms_for(cfg.feed.source) * 1e6)
         self._last_msg_ns = 0
         self._stale = False
 

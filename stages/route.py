@@ -31,6 +31,7 @@ from shm import schema
 from shm.ring import RingReader, RingWriter
 from shm.stats import StageStats
 from stages.config import Config, GateConfig, RiskConfig, RouteConfig
+from stages.instruments import read_symbol_table, tick_at
 from stages.orders import ORDER_STRUCT, Event, pack_order
 from stages.wiring import CTL_DRAINING, CTL_KILL, CTL_STATE, Engine
 
@@ -65,6 +66,11 @@ class SymbolSpec:
     tick: float
     lot: float
     min_notional: float
+    sig_figs: int = 0
+    max_decimals: int = 0
+
+    def tick_near(self, px: float) -> float:
+        return tick_at(px, self.tick, self.sig_figs, self.max_decimals)
 
 
 @dataclass(slots=True)
@@ -204,24 +210,21 @@ class Router:
             return None
         qty = round_down(notional / mid, spec.lot)
         style = choose_style(urgency, edge_bps, spread_bps)
+        tick = spec.tick_near(mid) if spec.sig_figs else spec.tick
         if style == schema.STYLE_TAKER_NOW:
             tif = schema.TIF_IOC
             through = TAKER_THROUGH_BPS * 1e-4
             px = (
-                round_up(best_ask * (1 + through), spec.tick)
+                round_up(best_ask * (1 + through), tick)
                 if side > 0
-                else round_down(best_bid * (1 - through), spec.tick)
+                else round_down(best_bid * (1 - through), tick)
             )
         elif style == schema.STYLE_SNIPER:
             tif = schema.TIF_GTC
             px = best_bid if side > 0 else best_ask
         else:
             tif = schema.TIF_POST_ONLY
-            px = (
-                round_down(best_bid - spec.tick, spec.tick)
-                if side > 0
-                else round_up(best_ask + spec.tick, spec.tick)
-            )
+            px = round_down(best_bid - tick, tick) if side > 0 else round_up(best_ask + tick, tick)
         if qty <= 0 or qty * px < spec.min_notional or px <= 0:
             self._skip(SKIP_SIZE)
             return None
@@ -246,10 +249,15 @@ class Router:
 
 def load_specs(engine: Engine) -> dict[int, SymbolSpec]:
     specs = {}
-    for i, rec in enumerate(engine.symbols.tolist()):
-        _name, _venue, tick, lot, min_notional, active, _pad = rec
-        if active and tick > 0 and lot > 0:
-            specs[i] = SymbolSpec(tick, lot, min_notional)
+    for i, ins in read_symbol_table(engine.symbols).items():
+        if ins.tick_size > 0 and ins.lot_size > 0:
+            specs[i] = SymbolSpec(
+                ins.tick_size,
+                ins.lot_size,
+                ins.min_notional,
+                ins.px_sig_figs,
+                ins.px_max_decimals,
+            )
     return specs
 
 

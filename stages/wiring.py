@@ -5,7 +5,7 @@ and gets a layout check for free (``shm.segment.attach``). Reader indices are fi
 that a restarted stage resumes from its own cursor.
 
 ```
- ingest ─md_book/md_trade─▶ feature ─features─▶ inference ─signals─▶ route ─orders─▶ risk
+ ingest ─md_book/md_trade/md_mark─▶ feature ─features─▶ inference ─signals─▶ route ─orders─▶ risk
     └──────── md_book/md_trade (reader 1) ──────────────────────────────────────────▶ risk
                                                        route ◀─events (fills, acks)── risk
 ```
@@ -34,6 +34,7 @@ class RingSpec:
 RINGS: Final = {
     "md_book": RingSpec(schema.BOOK, "md_capacity", "ingest", ("feature", "risk"), ring.LOSSY),
     "md_trade": RingSpec(schema.TRADE, "md_capacity", "ingest", ("feature", "risk"), ring.LOSSY),
+    "md_mark": RingSpec(schema.MARK, "mark_capacity", "ingest", ("feature",), ring.LOSSY),
     "features": RingSpec(
         schema.FEATURES, "features_capacity", "feature", ("inference",), ring.LOSSY
     ),

@@ -40,8 +40,9 @@ def test_attach_refuses_another_layout_version(ns):
     struct.pack_into(
         "<I", seg._mm, 8, schema.LAYOUT_VERSION + 1
     )  # what an older/newer build would stamp
+    theirs, ours = schema.LAYOUT_VERSION + 1, schema.LAYOUT_VERSION
     with pytest.raises(
-        segment.LayoutMismatch, match=r"layout version 2 .* this build uses version 1"
+        segment.LayoutMismatch, match=rf"layout version {theirs} .* this build uses version {ours}"
     ):
         segment.attach(ns, "a", segment.KIND_STATS)
 

@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from shm import schema, segment
 from stages import config
 from stages.ingest import IngestAgent
+from stages.instruments import Instrument
 from stages.wiring import Engine
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hyperliquid-btc-20250126.jsonl.gz"
@@ -85,7 +86,7 @@ class ScriptedVenue:
 def eng() -> Iterator[Engine]:
     ns = f"t{uuid.uuid4().hex[:10]}"
     e = Engine.create(config.from_dict({"engine": {"namespace": ns}}))
-    e.symbols[0] = (b"BTC", b"hyperliquid", 1.0, 0.00001, 10.0, 1, 0)
+    e.symbols[0] = Instrument("BTC", 1.0, 0.00001, 10.0, venue="hyperliquid").row()
     yield e
     segment.unlink_all(ns)
 

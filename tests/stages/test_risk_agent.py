@@ -10,6 +10,7 @@ import pytest
 
 from shm import ring, schema, segment
 from stages import config
+from stages.instruments import Instrument
 from stages.orders import ORDER_STRUCT, pack_order
 from stages.risk import RiskAgent
 from stages.wiring import Engine
@@ -19,7 +20,7 @@ from stages.wiring import Engine
 def eng():
     ns = f"t{uuid.uuid4().hex[:10]}"
     e = Engine.create(config.from_dict({"engine": {"namespace": ns}}))
-    e.symbols[0] = (b"BTC", b"sim", 1.0, 0.00001, 10.0, 1, 0)
+    e.symbols[0] = Instrument("BTC", 1.0, 0.00001, 10.0).row()
     yield e
     segment.unlink_all(ns)
 
