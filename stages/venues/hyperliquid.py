@@ -29,6 +29,7 @@ share a millisecond); consumers must not use it as a gap detector.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import deque
 from collections.abc import Iterable
@@ -40,8 +41,11 @@ import numpy as np
 import orjson
 
 from shm import schema
+from stages.instruments import Instrument
+from stages.venues.feed import Counters, Endpoint, Sink
 
 PING: Final = b'{"method":"ping"}'
+PING_EVERY_NS: Final = 20_000_000_000  # the venue closes a connection idle for 60 s
 
 MAX_TIME_MS: Final = 9_000_000_000_000  # year 2255; keeps time * 1e6 inside int64
 MAX_TID: Final = (1 << 64) - 1
@@ -62,11 +66,22 @@ _join = "".join  # raises TypeError unless every item is a str: a C-speed type c
 _loads = orjson.loads
 
 
-def subscribe_messages(coins: Iterable[str]) -> list[bytes]:
-    """Return the subscribe frames (l2Book, then trades) for every coin, in order."""
+def _decimal(v: Any, lo: float, hi: float) -> float:
+    """A decimal string inside [lo, hi); raises on anything else (NaN included)."""
+    if type(v) is not str:
+        raise TypeError("not a string")
+    x = float(v)
+    if not lo <= x < hi:
+        raise ValueError("out of range")
+    return x
+
+
+def subscribe_messages(coins: Iterable[str], *, ctx: bool = True) -> list[bytes]:
+    """Return the subscribe frames (l2Book, trades, activeAssetCtx) for every coin, in order."""
+    kinds = ("l2Book", "trades", "activeAssetCtx") if ctx else ("l2Book", "trades")
     out: list[bytes] = []
     for coin in coins:
-        for kind in ("l2Book", "trades"):
+        for kind in kinds:
             sub = {"method": "subscribe", "subscription": {"type": kind, "coin": coin}}
             out.append(orjson.dumps(sub))
     return out
@@ -138,6 +153,8 @@ class HyperliquidParser:
         self.ignored = 0  # well-formed frames on channels this parser does not use
         self.trades_overflow = 0  # trades that did not fit the caller's output array
         self.last_error = ""  # text of the last venue ``error`` frame
+        self.marks = np.zeros(1, schema.MARK)  # written by an activeAssetCtx frame
+        self.marks_ready = 0  # set to 1 when ``marks`` holds a new record; the caller clears it
 
     # ------------------------------------------------------------------ entry point
     def parse(
@@ -154,6 +171,9 @@ class HyperliquidParser:
             return self._parse_book(msg.get("data"), recv_ns, books)
         if channel == "trades":
             return self._parse_trades(msg.get("data"), recv_ns, trades)
+        if channel == "activeAssetCtx":
+            self._parse_ctx(msg.get("data"), recv_ns)
+            return _NONE
         if channel == "subscriptionResponse":
             self.subscription_acks += 1
         elif channel == "pong":
@@ -270,6 +290,44 @@ class HyperliquidParser:
         self._book_mv = row.data
         self._books = books
 
+    # ------------------------------------------------------------------ activeAssetCtx
+    def _parse_ctx(self, data: Any, recv_ns: int) -> None:
+        """Mark price, oracle price, funding and open interest of one perp (numbers as strings)."""
+        try:
+            coin = data["coin"]
+            ctx = data["ctx"]
+            sid = self._symbol_ids.get(coin)
+            if sid is None:
+                if type(coin) is str:
+                    self.unknown_symbol += 1
+                    return
+                raise TypeError("coin")
+            mark = _decimal(ctx["markPx"], 0.0, self._max_px)
+            oracle = _decimal(ctx["oraclePx"], 0.0, self._max_px) if "oraclePx" in ctx else math.nan
+            funding = _decimal(ctx["funding"], -1.0, 1.0)
+            oi = (
+                _decimal(ctx["openInterest"], -1.0, self._max_sz)
+                if "openInterest" in ctx
+                else math.nan
+            )
+            if not mark > 0.0:
+                raise ValueError("markPx")
+            recv_ns = int(recv_ns)
+        except Exception:
+            self.malformed += 1
+            return
+        m = self.marks
+        m["symbol_id"][0] = sid
+        m["flags"][0] = 0
+        m["exch_ns"][0] = 0  # the venue does not stamp these frames
+        m["recv_ns"][0] = recv_ns
+        m["mark_px"][0] = mark
+        m["index_px"][0] = oracle
+        m["funding_rate"][0] = funding
+        m["next_funding_ns"][0] = 0  # hourly on the venue; the frame does not say when
+        m["open_interest"][0] = oi
+        self.marks_ready = 1
+
     # ------------------------------------------------------------------ trades
     def _parse_trades(self, data: Any, recv_ns: int, trades: np.ndarray) -> tuple[int, int]:
         ids = self._symbol_ids
@@ -352,3 +410,104 @@ class HyperliquidParser:
         trades["px"][:n] = pxs
         trades["sz"][:n] = szs
         return (0, n)
+
+
+class HyperliquidFeed:
+    """Hyperliquid public market data for a set of coins, as a feed adapter.
+
+    One connection: ``l2Book`` (a full snapshot each time, so no local book and no
+    sequence to keep), ``trades`` (de-duplicated on (time, coin, tid): the first frame after
+    subscribing replays recent fills) and ``activeAssetCtx`` (mark, oracle, funding, open
+    interest). The venue closes a connection that has sent nothing for 60 s, so the runner
+    sends ``{"method":"ping"}`` every 20 s.
+    """
+
+    venue = "hyperliquid"
+
+    def __init__(
+        self,
+        instruments: dict[int, Instrument],
+        sink: Sink,
+        counters: Counters,
+        *,
+        ws_url: str = "wss://api.hyperliquid.xyz/ws",
+        stale_after_ns: int = 5_000_000_000,
+        max_age_ns: int = 0,
+        max_px: float = DEFAULT_MAX_PX,
+        max_sz: float = DEFAULT_MAX_SZ,
+    ) -> None:
+        self._ids = {ins.wire_name: sid for sid, ins in instruments.items()}
+        self.parser = HyperliquidParser(symbol_ids=self._ids, max_px=max_px, max_sz=max_sz)
+        self._sink = sink
+        self.counters = counters
+        self._url = ws_url
+        self._stale_after_ns = stale_after_ns
+        self._max_age_ns = max_age_ns
+        self._books = np.zeros(1, schema.BOOK)
+        self._trades = np.zeros(256, schema.TRADE)
+        self._last = np.zeros(schema.MAX_SYMBOLS, schema.BOOK)
+        self._have = [False] * schema.MAX_SYMBOLS
+        self._resynced = [False] * schema.MAX_SYMBOLS
+        self._seen = (0, 0, 0, 0)  # malformed, duplicates, venue errors, overflow
+
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint(
+                "ws",
+                self._url,
+                subscribe=tuple(subscribe_messages(self._ids)),
+                ping=PING,
+                ping_every_ns=PING_EVERY_NS,
+                stale_after_ns=self._stale_after_ns,
+                max_age_ns=self._max_age_ns,
+            )
+        ]
+
+    def on_connected(self, ep: int, now_ns: int) -> None:
+        for sid in self._ids.values():
+            self._resynced[sid] = True  # the first book of a connection says so
+
+    def on_disconnected(self, ep: int, now_ns: int) -> None:
+        self.on_silent(ep, now_ns)
+
+    def on_silent(self, ep: int, now_ns: int) -> None:
+        """Re-publish every known book flagged stale: nothing may trade on it now."""
+        for sid in self._ids.values():
+            if self._have[sid]:
+                rec = self._last[sid : sid + 1].copy()
+                rec["flags"] |= schema.BOOK_STALE
+                rec["recv_ns"] = now_ns
+                self._sink.book(rec)
+                self.counters[schema.C_STALE] += 1
+
+    def poll(self, now_ns: int) -> None:
+        pass
+
+    def on_message(self, ep: int, raw: bytes, recv_ns: int) -> None:
+        p = self.parser
+        nb, nt = p.parse(raw, recv_ns, self._books, self._trades)
+        c = self.counters
+        if nb:
+            books = self._books
+            sid = int(books["symbol_id"][0])
+            if self._resynced[sid]:
+                books["flags"][0] |= schema.BOOK_RESYNCED
+                self._resynced[sid] = False
+            if int(books["flags"][0]) & schema.BOOK_CROSSED:
+                c[schema.C_CROSSED] += 1
+            self._sink.book(books)
+            self._last[sid] = books[0]
+            self._have[sid] = True
+            c[schema.C_SNAPSHOTS] += 1
+        if nt:
+            self._sink.trades(self._trades[:nt])
+            c[schema.C_TRADES] += nt
+        if p.marks_ready:
+            p.marks_ready = 0
+            self._sink.mark(p.marks)
+        seen = (p.malformed, p.duplicates, p.errors_from_venue + p.unknown_symbol, 0)
+        if seen != self._seen:
+            c[schema.C_MALFORMED] += seen[0] - self._seen[0]
+            c[schema.C_DUPLICATES] += seen[1] - self._seen[1]
+            c[schema.C_VENUE_ERRORS] += seen[2] - self._seen[2]
+            self._seen = seen

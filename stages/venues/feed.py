@@ -1,0 +1,93 @@
+"""What a venue feed adapter needs from its runner, and what it hands back.
+
+A feed adapter (``BinanceFeed``, ``HyperliquidFeed``) is a kernel in the engine's sense: it
+turns frames into records and owns the venue's sequencing rules, but it opens no socket and
+reads no clock it was not given. Three runners drive the same adapters: the ingest stage
+(sockets, rings), ``hft replay`` (a recording, a CSV) and the market-data benchmark.
+
+- ``Endpoint``: one WebSocket connection the adapter wants, with its subscribe frames, its
+  application ping, its silence threshold and its maximum age.
+- ``Sink``: where records go. The adapter fills a record completely (trace fields included,
+  except ``ingest_ns``) before handing it over; the sink may not keep the array.
+- ``SnapshotSource``: where REST book snapshots come from (HTTP in the engine, inline lines
+  in a recording during replay).
+- counters: a mutable int sequence indexed by ``schema.C_*`` (the stage's shared-memory stats
+  in the engine, a plain list elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableSequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from shm import schema
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str  # "public", "market", "ws": names the connection in logs and metrics
+    url: str
+    subscribe: tuple[bytes, ...] = ()  # frames sent after connecting, in order
+    ping: bytes | None = None  # application-level ping frame (None: the venue pings us)
+    ping_every_ns: int = 0
+    stale_after_ns: int = 2_000_000_000
+    max_age_ns: int = 0  # > 0: reconnect before the venue's connection lifetime ends
+
+
+class Sink(Protocol):
+    def book(self, books: np.ndarray) -> None: ...  # one complete schema.BOOK record
+
+    def trades(self, trades: np.ndarray) -> None: ...  # schema.TRADE records
+
+    def mark(self, marks: np.ndarray) -> None: ...  # one schema.MARK record
+
+
+class SnapshotSource(Protocol):
+    def request(self, venue_symbol: str) -> None: ...
+
+    def poll(self) -> list[tuple[str, Any, int]]: ...  # (venue symbol, document, recv ns)
+
+
+class Feed(Protocol):
+    venue: str
+
+    def endpoints(self) -> list[Endpoint]: ...
+
+    def on_connected(self, ep: int, now_ns: int) -> None: ...
+
+    def on_disconnected(self, ep: int, now_ns: int) -> None: ...
+
+    def on_silent(self, ep: int, now_ns: int) -> None: ...
+
+    def on_message(self, ep: int, raw: bytes, recv_ns: int) -> None: ...
+
+    def poll(self, now_ns: int) -> None: ...
+
+
+def new_counters() -> list[int]:
+    """A plain counter block with the engine's layout, for runners without shared memory."""
+    return [0] * schema.N_INT_SLOTS
+
+
+@dataclass
+class RecordingSink:
+    """Keep copies of everything published (tests, replay)."""
+
+    books: list[np.ndarray] = field(default_factory=list)
+    trade_batches: list[np.ndarray] = field(default_factory=list)
+    marks: list[np.ndarray] = field(default_factory=list)
+
+    def book(self, books: np.ndarray) -> None:
+        self.books.append(books[:1].copy())
+
+    def trades(self, trades: np.ndarray) -> None:
+        self.trade_batches.append(trades.copy())
+
+    def mark(self, marks: np.ndarray) -> None:
+        self.marks.append(marks[:1].copy())
+
+
+Counters = MutableSequence[int]
