@@ -11,6 +11,7 @@ Exit codes: 0 success, 1 runtime failure, 2 wrong usage or bad configuration.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _load(args: argparse.Namespace, **overrides: dict[str, object]) -> config.Co
 
 def cmd_paper(args: argparse.Namespace) -> int:
     from ops.supervisor import Supervisor, is_running
+    from stages.venues.symbols import SymbolError, load_instruments
 
     if args.duration is not None and not args.duration > 0:
         print("hft paper: --duration must be a positive number of seconds", file=sys.stderr)
@@ -49,8 +51,16 @@ def cmd_paper(args: argparse.Namespace) -> int:
         )
         return 1
     log.setup("supervisor")
+    try:
+        loaded = load_instruments(cfg.feed)
+    except SymbolError as exc:
+        print(f"hft paper: symbols: {exc}", file=sys.stderr)
+        return 2
+    if loaded.warning:
+        logging.getLogger("ops.cli").warning(loaded.warning)
     sup = Supervisor(
         cfg,
+        instruments=loaded.instruments,
         config_path=args.config,
         duration_s=args.duration,
         log_dir=Path(args.log_dir) if args.log_dir else None,

@@ -38,7 +38,7 @@ import psutil
 
 from shm import schema, segment, stats
 from stages.config import ROLES, Config
-from stages.instruments import fill_symbol_table, instrument
+from stages.instruments import Instrument, fill_symbol_table, instrument
 from stages.wiring import (
     CTL_DRAINED,
     CTL_DRAINING,
@@ -94,8 +94,11 @@ class Supervisor:
         log_dir: Path | None = None,
         summary_path: Path | None = None,
         quiet: bool = False,
+        instruments: list[Instrument] | None = None,
     ) -> None:
         self.cfg = cfg
+        # the venue's symbol rules (fetched or cached by the caller); the sim's own by default
+        self.instruments = instruments or [instrument(n) for n in cfg.feed.symbols]
         self.ns = cfg.engine.namespace
         self.config_path = config_path
         self.duration_s = duration_s
@@ -130,7 +133,7 @@ class Supervisor:
         self.engine = eng = Engine.create(cfg)
         eng.control[CTL_MODE] = schema.MODE_CODES[cfg.engine.mode]
         eng.control[CTL_EPOCH] = time.time_ns()
-        fill_symbol_table(eng.symbols, [instrument(name) for name in cfg.feed.symbols])
+        fill_symbol_table(eng.symbols, self.instruments)
         sup_stats = eng.block_stats(stats.SUPERVISOR_BLOCK)
         sup_stats.set(schema.C_PID, os.getpid())
         sup_stats.set(schema.C_STARTED_NS, time.monotonic_ns())

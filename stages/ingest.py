@@ -1,14 +1,21 @@
-"""Ingest stage: venue WebSocket bytes in, book snapshots and trades out.
+"""Ingest stage: venue WebSocket bytes in, book snapshots, trades and marks out.
 
-The stage blocks on its socket (``select`` with a short timeout) instead of an idle
-strategy: the kernel wakes it when bytes arrive, which is both the lowest-latency and the
-cheapest way to wait for a network peer. ``recv_ns`` is taken right after the frame is read;
-every later latency in the engine is measured from it.
+The stage owns the sockets and the clock; a feed adapter (``stages.venues``) owns the venue's
+protocol and sequencing rules. It blocks on its sockets (``select`` with a short timeout)
+instead of an idle strategy: the kernel wakes it when bytes arrive, which is both the
+lowest-latency and the cheapest way to wait for a network peer. ``recv_ns`` is taken right
+after a frame is read; every later latency in the engine is measured from it.
 
-Connection care: exponential backoff with jitter between connection attempts, resubscribe on
-every connect, an application-level ping well inside the venue's idle timeout, and on a
-disconnect every known book is re-published with ``BOOK_STALE`` so that nothing downstream
-trades on it until fresh data arrives.
+Connection care, per endpoint (Binance has two, Hyperliquid one):
+
+- exponential backoff with jitter between attempts; resubscribe (and, for diff feeds,
+  resync) on every connect;
+- a watchdog: connected but silent past the venue's threshold flags every book of that
+  connection stale at once (nothing trades on it), and 5x the threshold drops the connection;
+- the application ping the venue needs (Hyperliquid: every 20 s), and an answer to every
+  server ping frame (Binance: every 3 minutes, or it disconnects us);
+- a planned reconnect before the venue's connection lifetime ends (Binance: 24 h);
+- on a disconnect every book of the connection is re-published stale.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import random
 import select
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import websocket
@@ -25,7 +33,12 @@ from shm import schema
 from shm.ring import RingReader
 from shm.stats import StageStats
 from stages.config import Config
-from stages.venues.hyperliquid import PING, HyperliquidParser, subscribe_messages
+from stages.instruments import Instrument, read_symbol_table
+from stages.venues.binance import BinanceFeed, RestSnapshots
+from stages.venues.endpoints import endpoints
+from stages.venues.feed import Endpoint, Feed
+from stages.venues.hyperliquid import HyperliquidFeed
+from stages.venues.rest import Backoff, RestClient
 from stages.wiring import Engine
 
 logger = logging.getLogger("stages.ingest")
@@ -34,217 +47,291 @@ POLL_TIMEOUT_S = 0.005
 CONNECT_TIMEOUT_S = 2.0  # well inside the supervisor's hung-stage limit
 RECV_TIMEOUT_S = 0.5  # a frame that trickles in slower is finished on the next cycle
 RECONNECT_AFTER_STALE = 5  # silent for this many stale periods: drop the connection
-PING_EVERY_NS = 20_000_000_000  # Hyperliquid closes a connection idle for 60 s
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 MAX_MESSAGES_PER_CYCLE = 64
-HYPERLIQUID_URL = "wss://api.hyperliquid.xyz/ws"
+_DATA_OPCODES = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
+
+
+class RingSink:
+    """Feed records into the engine's rings, stamping ``ingest_ns`` and the stage's timings."""
+
+    def __init__(self, engine: Engine, stats: StageStats) -> None:
+        self._books = engine.writer("md_book")
+        self._trades = engine.writer("md_trade")
+        self._marks = engine.writer("md_mark")
+        self._stats = stats
+        self._ints = stats.ints
+
+    def book(self, books: np.ndarray) -> None:
+        t1 = time.monotonic_ns()
+        books["ingest_ns"][0] = t1
+        recv = int(books["recv_ns"][0])
+        if recv:
+            self._stats.record_ns(schema.H_DURATION, t1 - recv)  # before publishing: we may
+        self._books.offer(books[:1].view(np.uint8).data)  # be preempted by downstream
+        self._ints[schema.C_PUBLISHED] += 1
+
+    def trades(self, trades: np.ndarray) -> None:
+        trades["ingest_ns"] = time.monotonic_ns()
+        self._trades.offer_array(trades)
+        self._ints[schema.C_PUBLISHED] += len(trades)
+
+    def mark(self, marks: np.ndarray) -> None:
+        marks["ingest_ns"] = time.monotonic_ns()
+        self._marks.offer_array(marks[:1])
+        self._ints[schema.C_PUBLISHED] += 1
+
+
+@dataclass
+class _Conn:
+    ep: Endpoint
+    index: int
+    backoff: Backoff
+    ws: websocket.WebSocket | None = None
+    next_connect_s: float = 0.0
+    connected_ns: int = 0
+    last_msg_ns: int = 0
+    next_ping_ns: int = 0
+    stale: bool = False
+
+
+def build_feed(
+    cfg: Config,
+    instruments: dict[int, Instrument],
+    sink: RingSink,
+    stats: StageStats,
+    *,
+    feed_url: str | None = None,
+) -> tuple[Feed, RestSnapshots | None]:
+    """The feed adapter ``[feed] source`` asks for, wired to the engine."""
+    feed_cfg = cfg.feed
+    source = feed_cfg.source
+    stale_ns = int(feed_cfg.stale_after_ms_for(source) * 1e6)
+    age_ns = int(feed_cfg.max_connection_age_s * 1e9)
+    if source == "sim":
+        url = feed_url or f"ws://{feed_cfg.host}:{feed_cfg.port}/ws"
+        return HyperliquidFeed(
+            instruments, sink, stats.ints, ws_url=url, stale_after_ns=stale_ns, ctx=False
+        ), None
+    eps = endpoints(feed_cfg)
+    if source == "hyperliquid":
+        return HyperliquidFeed(
+            instruments,
+            sink,
+            stats.ints,
+            ws_url=feed_url or eps.ws_url,
+            stale_after_ns=stale_ns,
+            max_age_ns=age_ns,
+        ), None
+    client = RestClient(eps.rest_url, venue="binance", weight_per_min=feed_cfg.rest_weight_per_min)
+    snaps = RestSnapshots(client, limit=feed_cfg.snapshot_depth)
+    feed = BinanceFeed(
+        instruments,
+        sink,
+        snaps,
+        stats.ints,
+        ws_base=feed_url or eps.ws_url,
+        depth_ms=feed_cfg.binance_depth_ms,
+        stale_after_ns=stale_ns,
+        max_age_ns=age_ns,
+    )
+    return feed, snaps
 
 
 class IngestAgent:
-    """Read the venue feed; the only writer of the md_book and md_trade rings."""
+    """Read the venue feed; the only writer of the md_book, md_trade and md_mark rings."""
 
     role = "ingest"
 
     def __init__(
         self, cfg: Config, engine: Engine, stats: StageStats, *, feed_url: str | None = None
     ) -> None:
-        self.readers: list[RingReader] = []  # blocks on its socket, not on a doorbell
-        self._cfg = cfg
+        self.readers: list[RingReader] = []  # blocks on its sockets, not on a doorbell
         self._stats = stats
-        self._books_out = engine.writer("md_book")
-        self._trades_out = engine.writer("md_trade")
-        names = engine.symbol_names()
-        self._symbol_ids = {
-            bytes(rec["name"]).decode(): i for i, rec in enumerate(engine.symbols) if rec["active"]
-        }
-        self._coins = names
-        if feed_url:
-            self._url = feed_url
-        elif cfg.feed.source == "hyperliquid":
-            self._url = HYPERLIQUID_URL
-        else:
-            self._url = f"ws://{cfg.feed.host}:{cfg.feed.port}/ws"
-        self._parser = HyperliquidParser(symbol_ids=self._symbol_ids)
-        self._books = np.zeros(1, schema.BOOK)
-        self._trades = np.zeros(256, schema.TRADE)
-        self._book_bytes = self._books.view(np.uint8).data
-        self._last_books = np.zeros(schema.MAX_SYMBOLS, schema.BOOK)
-        self._have_book = [False] * schema.MAX_SYMBOLS
-        self._ws: websocket.WebSocket | None = None
-        self._next_connect_s = 0.0
-        self._backoff_s = BACKOFF_MIN_S
-        self._next_ping_ns = 0
-        self._malformed_seen = 0
-        self._venue_errors_seen = 0
-        self._rng = random.Random()
-        self._stale_after_ns = int(cfg.feed.stale_after_ms_for(cfg.feed.source) * 1e6)
-        self._last_msg_ns = 0
-        self._stale = False
+        self._sink = RingSink(engine, stats)
+        self.instruments = read_symbol_table(engine.symbols)
+        self.feed, self._snapshots = build_feed(
+            cfg, self.instruments, self._sink, stats, feed_url=feed_url
+        )
+        rng = random.Random()
+        self._conns = [
+            _Conn(ep, i, Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S, rng=rng))
+            for i, ep in enumerate(self.feed.endpoints())
+        ]
+        self._rate_limited_seen = 0
 
     # ------------------------------------------------------------------ connection
-    def _connect(self) -> None:
-        now = time.monotonic()
-        if now < self._next_connect_s:
-            time.sleep(min(self._next_connect_s - now, 0.05))
-            return
+    def _connect(self, c: _Conn, now_s: float) -> None:
+        ep = c.ep
         try:
             ws = websocket.create_connection(
-                self._url,
+                ep.url,
                 timeout=CONNECT_TIMEOUT_S,
                 enable_multithread=False,
                 skip_utf8_validation=True,
             )
-            for msg in subscribe_messages(self._coins):
+            for msg in ep.subscribe:
                 ws.send(msg)
         except (OSError, websocket.WebSocketException) as exc:
-            delay = self._backoff_s * (0.5 + self._rng.random())
-            self._next_connect_s = now + delay
-            self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
+            delay = c.backoff.next_delay()
+            c.next_connect_s = now_s + delay
             logger.warning(
                 "feed connect failed, retrying",
-                extra={"url": self._url, "error": str(exc), "retry_in_s": round(delay, 3)},
+                extra={
+                    "endpoint": ep.name,
+                    "url": _safe(ep.url),
+                    "error": str(exc),
+                    "retry_in_s": round(delay, 3),
+                },
             )
             return
         ws.settimeout(RECV_TIMEOUT_S)
-        self._ws = ws
-        self._last_msg_ns = time.monotonic_ns()
-        self._stale = False
-        self._backoff_s = BACKOFF_MIN_S
-        self._next_ping_ns = time.monotonic_ns() + PING_EVERY_NS
-        logger.info("feed connected", extra={"url": self._url, "symbols": self._coins})
+        now = time.monotonic_ns()
+        c.ws = ws
+        c.connected_ns = c.last_msg_ns = now
+        c.stale = False
+        c.backoff.reset()
+        c.next_ping_ns = now + ep.ping_every_ns if ep.ping else 0
+        logger.info("feed connected", extra={"endpoint": ep.name, "url": _safe(ep.url)})
+        self.feed.on_connected(c.index, now)
 
-    def _disconnect(self, why: str) -> None:
-        if self._ws is not None:
+    def _disconnect(self, c: _Conn, why: str, *, planned: bool = False) -> None:
+        if c.ws is not None:
             try:
-                self._ws.shutdown()  # type: ignore[no-untyped-call]  # no closing handshake: the peer may be the problem
+                if planned:
+                    c.ws.close(timeout=0.2)
+                else:
+                    c.ws.shutdown()  # type: ignore[no-untyped-call]  # no closing handshake: the peer may be the problem
             except (OSError, websocket.WebSocketException):
                 pass
-        self._ws = None
+        c.ws = None
         self._stats.ints[schema.C_RECONNECTS] += 1
-        self._next_connect_s = time.monotonic() + self._backoff_s * (0.5 + self._rng.random())
-        logger.warning("feed disconnected", extra={"url": self._url, "reason": why})
-        self._publish_stale()
-
-    def _publish_stale(self) -> None:
-        """Re-publish every known book flagged stale: nothing may trade on it now."""
-        now = time.monotonic_ns()
-        for s, have in enumerate(self._have_book):
-            if have:
-                rec = self._last_books[s : s + 1].copy()
-                rec["flags"] |= schema.BOOK_STALE
-                rec["recv_ns"] = now
-                rec["ingest_ns"] = now
-                self._books_out.offer_array(rec)
-                self._stats.ints[schema.C_STALE] += 1
+        delay = 0.0 if planned else c.backoff.next_delay()
+        c.next_connect_s = time.monotonic() + delay
+        log = logger.info if planned else logger.warning
+        log("feed disconnected", extra={"endpoint": c.ep.name, "reason": why})
+        self.feed.on_disconnected(c.index, time.monotonic_ns())
 
     # ------------------------------------------------------------------ duty cycle
     def do_work(self) -> int:
-        ws = self._ws
-        if ws is None:
-            self._connect()
+        now_s = time.monotonic()
+        live: list[_Conn] = []
+        for c in self._conns:
+            if c.ws is None and now_s >= c.next_connect_s:
+                self._connect(c, now_s)
+            if c.ws is not None and c.ws.sock is not None:
+                live.append(c)
+            elif c.ws is not None:
+                self._disconnect(c, "socket closed")
+        if not live:
+            self.feed.poll(time.monotonic_ns())
+            time.sleep(0.02)
             return 0
+        n = self._read(live)
+        now = time.monotonic_ns()
+        for c in live:
+            if c.ws is not None:
+                self._watch(c, now)
+        self.feed.poll(now)
+        if self._snapshots is not None:
+            rl = self._snapshots.rate_limited
+            if rl != self._rate_limited_seen:
+                self._stats.ints[schema.C_RATE_LIMITED] += rl - self._rate_limited_seen
+                self._rate_limited_seen = rl
+        return n
+
+    def _read(self, live: list[_Conn]) -> int:
+        socks = {c.ws.sock: c for c in live if c.ws is not None and c.ws.sock is not None}
         n = 0
         timeout = POLL_TIMEOUT_S
-        sock = ws.sock
-        if sock is None:
-            self._disconnect("socket closed")
-            return 0
-        while n < MAX_MESSAGES_PER_CYCLE:
+        while n < MAX_MESSAGES_PER_CYCLE and socks:
+            pending = [s for s in socks if _tls_pending(s)]
             try:
-                ready, _, _ = select.select([sock], [], [], timeout)
+                ready = pending or select.select(list(socks), [], [], timeout)[0]
             except (OSError, ValueError) as exc:
-                self._disconnect(f"select failed: {exc}")
+                for c in list(socks.values()):
+                    self._disconnect(c, f"select failed: {exc}")
                 return n
             if not ready:
                 break
-            try:
-                opcode, raw = (
-                    ws.recv_data()
-                )  # bytes: orjson checks the UTF-8 (a bad frame is counted)
-            except websocket.WebSocketTimeoutException:
-                break  # part of a frame: the frame buffer keeps it for the next cycle
-            except (OSError, websocket.WebSocketException) as exc:
-                self._disconnect(f"{type(exc).__name__}: {exc}")
-                return n
-            recv_ns = time.monotonic_ns()
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                self._disconnect("connection closed by the venue")
-                return n
-            self._last_msg_ns = recv_ns
-            if self._stale:
-                self._stale = False
-                logger.info("feed alive again", extra={"url": self._url})
-            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-                self._on_message(raw, recv_ns)
-                n += 1
+            for sock in ready:
+                c = socks[sock]
+                if not self._read_one(c):
+                    del socks[sock]
+                else:
+                    n += 1
             timeout = 0.0
-        now = time.monotonic_ns()
-        silent_ns = now - self._last_msg_ns
-        if silent_ns > self._stale_after_ns and self._ws is not None:
-            if not self._stale:
-                self._stale = True
-                logger.warning(
-                    "feed silent; books flagged stale",
-                    extra={"url": self._url, "silent_ms": silent_ns // 1_000_000},
-                )
-                self._publish_stale()
-            if silent_ns > RECONNECT_AFTER_STALE * self._stale_after_ns:
-                self._disconnect(f"silent for {silent_ns / 1e9:.1f} s")
-                return n
-        if now >= self._next_ping_ns and self._ws is not None:
-            self._next_ping_ns = now + PING_EVERY_NS
-            try:
-                self._ws.send(PING)
-            except (OSError, websocket.WebSocketException) as exc:
-                self._disconnect(f"ping failed: {exc}")
         return n
 
-    def _on_message(self, raw: str | bytes, recv_ns: int) -> None:
-        st, ints = self._stats, self._stats.ints
-        nb, nt = self._parser.parse(raw, recv_ns, self._books, self._trades)
-        if nb:
-            books = self._books
-            s = int(books["symbol_id"][0])
-            t1 = time.monotonic_ns()
-            books["ingest_ns"][0] = t1
-            st.record_ns(
-                schema.H_DURATION, t1 - recv_ns
-            )  # before publishing: downstream may preempt us
-            self._books_out.offer(self._book_bytes)
-            self._last_books[s] = books[0]
-            self._have_book[s] = True
-            ints[schema.C_SNAPSHOTS] += 1
-            ints[schema.C_PUBLISHED] += 1
-            if int(books["flags"][0]) & schema.BOOK_CROSSED:
-                ints[schema.C_CROSSED] += 1
-        if nt:
-            trades = self._trades[:nt]
-            t1 = time.monotonic_ns()
-            trades["ingest_ns"] = t1
-            self._trades_out.offer_array(trades)
-            ints[schema.C_TRADES] += nt
-            ints[schema.C_PUBLISHED] += nt
-        t_end = time.monotonic_ns()
-        ints[schema.C_PROCESSED] += 1
-        if not nb:
-            st.record_ns(schema.H_DURATION, t_end - recv_ns)
-        st.record_ns(schema.H_E2E, t_end - recv_ns)
-        p = self._parser
-        if p.errors_from_venue + p.unknown_symbol != self._venue_errors_seen:
-            ints[schema.C_VENUE_ERRORS] += (
-                p.errors_from_venue + p.unknown_symbol - self._venue_errors_seen
-            )
-            self._venue_errors_seen = p.errors_from_venue + p.unknown_symbol
-            logger.warning("venue reported an error", extra={"error": p.last_error})
-        if self._parser.malformed != self._malformed_seen:
-            ints[schema.C_MALFORMED] += self._parser.malformed - self._malformed_seen
-            self._malformed_seen = self._parser.malformed
+    def _read_one(self, c: _Conn) -> bool:
+        """Read one frame from ``c``; False when the connection is gone."""
+        ws = c.ws
+        assert ws is not None
+        try:
+            opcode, frame = ws.recv_data_frame(True)  # pings are answered inside
+        except websocket.WebSocketTimeoutException:
+            return True  # part of a frame: the frame buffer keeps it for the next cycle
+        except (OSError, websocket.WebSocketException) as exc:
+            self._disconnect(c, f"{type(exc).__name__}: {exc}")
+            return False
+        recv_ns = time.monotonic_ns()
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            self._disconnect(c, "connection closed by the venue")
+            return False
+        c.last_msg_ns = recv_ns
+        if c.stale:
+            c.stale = False
+            logger.info("feed alive again", extra={"endpoint": c.ep.name})
+        if opcode in _DATA_OPCODES:
+            ints = self._stats.ints
+            self.feed.on_message(c.index, frame.data, recv_ns)
+            ints[schema.C_PROCESSED] += 1
+            self._stats.record_ns(schema.H_E2E, time.monotonic_ns() - recv_ns)
+        return True
+
+    def _watch(self, c: _Conn, now: int) -> None:
+        ep = c.ep
+        silent_ns = now - c.last_msg_ns
+        if silent_ns > ep.stale_after_ns:
+            if not c.stale:
+                c.stale = True
+                logger.warning(
+                    "feed silent; books flagged stale",
+                    extra={"endpoint": ep.name, "silent_ms": silent_ns // 1_000_000},
+                )
+                self.feed.on_silent(c.index, now)
+            if silent_ns > RECONNECT_AFTER_STALE * ep.stale_after_ns:
+                self._disconnect(c, f"silent for {silent_ns / 1e9:.1f} s")
+                return
+        if ep.max_age_ns and now - c.connected_ns > ep.max_age_ns:
+            self._disconnect(c, "connection lifetime reached; reconnecting", planned=True)
+            return
+        if ep.ping and now >= c.next_ping_ns and c.ws is not None:
+            c.next_ping_ns = now + ep.ping_every_ns
+            try:
+                c.ws.send(ep.ping)
+            except (OSError, websocket.WebSocketException) as exc:
+                self._disconnect(c, f"ping failed: {exc}")
 
     def on_close(self) -> None:
-        if self._ws is not None:
-            try:
-                self._ws.close()
-            except (OSError, websocket.WebSocketException):
-                pass
-            self._ws = None
+        for c in self._conns:
+            if c.ws is not None:
+                try:
+                    c.ws.close(timeout=0.2)
+                except (OSError, websocket.WebSocketException):
+                    pass
+                c.ws = None
+        if self._snapshots is not None:
+            self._snapshots.close()
+
+
+def _tls_pending(sock: object) -> bool:
+    """Decrypted bytes a TLS socket already holds: ``select`` cannot see them."""
+    pending = getattr(sock, "pending", None)
+    return bool(pending is not None and pending())
+
+
+def _safe(url: str) -> str:
+    """A URL for logs: no query string (stream lists are long; signed ones carry secrets)."""
+    return url.split("?", 1)[0]

@@ -35,7 +35,10 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,6 +49,7 @@ from shm import schema
 from stages.instruments import Instrument
 from stages.venues.book import SCAN_BAD, SCAN_OK, L2Book, scan_levels, top_view
 from stages.venues.feed import Counters, Endpoint, Sink, SnapshotSource
+from stages.venues.rest import Backoff, RateLimited, RestClient, RestError
 
 logger = logging.getLogger("stages.venues.binance")
 
@@ -645,3 +649,89 @@ class BinanceFeed:
         m["next_funding_ns"][0] = nxt
         m["open_interest"][0] = math.nan
         self._sink.mark(m)
+
+
+def depth_weight(limit: int) -> int:
+    """REST weight of ``/fapi/v1/depth`` at ``limit`` levels (venue docs)."""
+    if limit <= 50:
+        return 2
+    if limit <= 100:
+        return 5
+    if limit <= 500:
+        return 10
+    return 20
+
+
+class RestSnapshots:
+    """Depth snapshots over REST on one worker thread, so the socket loop never waits on HTTP.
+
+    A failed request is retried with exponential backoff and jitter; a rate-limit answer (or
+    our own budget saying no) waits at least the ``Retry-After`` the venue asked for, so a
+    resync storm never turns into a ban. One request per symbol is in flight at a time.
+    """
+
+    def __init__(
+        self,
+        client: RestClient,
+        *,
+        limit: int = 1000,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._client = client
+        self._limit = limit
+        self._weight = depth_weight(limit)
+        self._clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rest")
+        self._inflight: dict[str, Future[Any]] = {}
+        self._retry_at: dict[str, int] = {}
+        self._backoff: dict[str, Backoff] = {}
+        self.failures = 0
+        self.last_error = ""
+
+    def request(self, venue_symbol: str) -> None:
+        if venue_symbol in self._inflight or venue_symbol in self._retry_at:
+            return
+        self._submit(venue_symbol)
+
+    def _submit(self, vs: str) -> None:
+        params = {"symbol": vs, "limit": self._limit}
+        self._inflight[vs] = self._pool.submit(
+            self._client.get_json, "/fapi/v1/depth", params, weight=self._weight
+        )
+
+    def poll(self) -> list[tuple[str, Any, int]]:
+        out: list[tuple[str, Any, int]] = []
+        now = self._clock()
+        for vs, fut in list(self._inflight.items()):
+            if not fut.done():
+                continue
+            del self._inflight[vs]
+            try:
+                doc = fut.result()
+            except RestError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+                backoff = self._backoff.setdefault(vs, Backoff(0.5, 30.0))
+                delay = backoff.next_delay()
+                if isinstance(exc, RateLimited):
+                    delay = max(delay, exc.retry_after_s)
+                self._retry_at[vs] = now + int(delay * 1e9)
+                logger.warning(
+                    "depth snapshot failed; retrying",
+                    extra={"symbol": vs, "error": str(exc), "retry_in_s": round(delay, 3)},
+                )
+                continue
+            self._backoff.pop(vs, None)
+            out.append((vs, doc, now))
+        for vs, at in list(self._retry_at.items()):
+            if now >= at:
+                del self._retry_at[vs]
+                self._submit(vs)
+        return out
+
+    @property
+    def rate_limited(self) -> int:
+        return self._client.rate_limited
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

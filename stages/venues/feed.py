@@ -17,7 +17,6 @@ reads no clock it was not given. Three runners drive the same adapters: the inge
 
 from __future__ import annotations
 
-from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,4 +89,9 @@ class RecordingSink:
         self.marks.append(marks[:1].copy())
 
 
-Counters = MutableSequence[int]
+class Counters(Protocol):
+    """Int slots indexed by ``schema.C_*``: a stage's shared-memory stats, or a plain list."""
+
+    def __getitem__(self, i: int, /) -> int: ...
+
+    def __setitem__(self, i: int, v: int, /) -> None: ...

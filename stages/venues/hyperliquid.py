@@ -435,8 +435,10 @@ class HyperliquidFeed:
         max_age_ns: int = 0,
         max_px: float = DEFAULT_MAX_PX,
         max_sz: float = DEFAULT_MAX_SZ,
+        ctx: bool = True,
     ) -> None:
         self._ids = {ins.wire_name: sid for sid, ins in instruments.items()}
+        self._ctx = ctx
         self.parser = HyperliquidParser(symbol_ids=self._ids, max_px=max_px, max_sz=max_sz)
         self._sink = sink
         self.counters = counters
@@ -455,7 +457,7 @@ class HyperliquidFeed:
             Endpoint(
                 "ws",
                 self._url,
-                subscribe=tuple(subscribe_messages(self._ids)),
+                subscribe=tuple(subscribe_messages(self._ids, ctx=self._ctx)),
                 ping=PING,
                 ping_every_ns=PING_EVERY_NS,
                 stale_after_ns=self._stale_after_ns,

@@ -274,8 +274,10 @@ def test_subscribe_messages_and_ping() -> None:
     assert msgs == [
         {"method": "subscribe", "subscription": {"type": t, "coin": c}}
         for c in ("BTC", "ETH")
-        for t in ("l2Book", "trades")
+        for t in ("l2Book", "trades", "activeAssetCtx")
     ]
+    plain = [orjson.loads(m) for m in subscribe_messages(["BTC"], ctx=False)]
+    assert [m["subscription"]["type"] for m in plain] == ["l2Book", "trades"]
     assert orjson.loads(PING) == {"method": "ping"}
 
 
