@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("exporter", cmd_exporter, "serve Prometheus metrics for a running engine"),
         ("sim", cmd_sim, "run the embedded market simulator on its own"),
+        ("record", cmd_record, "record a venue's raw public feed: --venue V --symbols A,B --out F"),
+        ("replay", cmd_replay, "replay a recording through the real parser and books (--tob CSV)"),
+        ("fake-venue", cmd_fake_venue, "serve a recording as a fake Binance/Hyperliquid venue"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -190,7 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASSTHROUGH = {"monitor": cmd_monitor, "exporter": cmd_exporter, "sim": cmd_sim}
+def cmd_record(args: argparse.Namespace) -> int:
+    from ops import record
+
+    return record.main(args.rest)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from ops import replay
+
+    return replay.main(args.rest)
+
+
+def cmd_fake_venue(args: argparse.Namespace) -> int:
+    from ops import fakevenue
+
+    return fakevenue.main(args.rest)
+
+
+PASSTHROUGH = {
+    "monitor": cmd_monitor,
+    "exporter": cmd_exporter,
+    "sim": cmd_sim,
+    "record": cmd_record,
+    "replay": cmd_replay,
+    "fake-venue": cmd_fake_venue,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

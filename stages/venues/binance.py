@@ -91,6 +91,32 @@ def stream_names(venue_symbol: str, depth_ms: int) -> tuple[list[str], list[str]
     return [depth, f"{s}@bookTicker"], [f"{s}@aggTrade", f"{s}@markPrice@1s"]
 
 
+def binance_endpoints(
+    ws_base: str,
+    venue_symbols: list[str],
+    depth_ms: int,
+    stale_after_ns: int = 3_000_000_000,
+    max_age_ns: int = 0,
+) -> list[Endpoint]:
+    """The two routed connections: /public (depth, bookTicker) and /market (aggTrade, mark)."""
+    public: list[str] = []
+    market: list[str] = []
+    for vs in venue_symbols:
+        p, m = stream_names(vs, depth_ms)
+        public += p
+        market += m
+    base = ws_base.rstrip("/")
+    return [
+        Endpoint(
+            name,
+            f"{base}/{name}/stream?streams={'/'.join(streams)}",
+            stale_after_ns=stale_after_ns,
+            max_age_ns=max_age_ns,
+        )
+        for name, streams in (("public", public), ("market", market))
+    ]
+
+
 class MalformedMessage(ValueError):
     pass
 
@@ -236,21 +262,9 @@ class BinanceFeed:
 
     # ------------------------------------------------------------------ connections
     def endpoints(self) -> list[Endpoint]:
-        public: list[str] = []
-        market: list[str] = []
-        for vs in self._syms:
-            p, m = stream_names(vs, self._depth_ms)
-            public += p
-            market += m
-        return [
-            Endpoint(
-                name,
-                f"{self._ws_base}/{name}/stream?streams={'/'.join(streams)}",
-                stale_after_ns=self._stale_after_ns,
-                max_age_ns=self._max_age_ns,
-            )
-            for name, streams in (("public", public), ("market", market))
-        ]
+        return binance_endpoints(
+            self._ws_base, list(self._syms), self._depth_ms, self._stale_after_ns, self._max_age_ns
+        )
 
     def on_connected(self, ep: int, now_ns: int) -> None:
         self._connected[ep] = True
