@@ -33,6 +33,7 @@ import numpy as np
 REGISTRY: Final[list[tuple[str, str]]] = [
     ("ring", "benchmarks.ring"),
     ("pipeline", "benchmarks.pipeline"),
+    ("market_data", "benchmarks.market_data"),
 ]
 
 _COLUMNS: Final = (

@@ -460,10 +460,24 @@ class ShmCollector(Collector):
         fams.append(
             CounterMetricFamily(
                 "hft_stale_books_total",
-                "Books published flagged stale (disconnect or silence).",
+                "Books published flagged stale (disconnect, silence or resync).",
                 value=int(ingest[schema.C_STALE]),
             )
         )
+        for name, help_, slot in (
+            ("hft_book_gaps_total", "Sequence gaps in a venue's diff-depth stream.", schema.C_GAPS),
+            (
+                "hft_book_resyncs_total",
+                "Local books rebuilt from a fresh REST snapshot after a gap or reconnect.",
+                schema.C_RESYNCS,
+            ),
+            (
+                "hft_rate_limited_total",
+                "Venue REST answers 429/418 and requests held back by our own weight budget.",
+                schema.C_RATE_LIMITED,
+            ),
+        ):
+            fams.append(CounterMetricFamily(name, help_, value=int(ingest[slot])))
         fams.append(
             _per_stage_counter(
                 blocks,

@@ -199,6 +199,18 @@ def summarize(prev: Reading, cur: Reading, *, namespace: str) -> dict[str, Any]:
                 for r in schema.STAGE_ROLES
             )
         ),
+        "feed": {
+            name: int(cur.blocks[schema.ROLE_INDEX["ingest"]]["ints"][slot])
+            for name, slot in (
+                ("reconnects", schema.C_RECONNECTS),
+                ("resyncs", schema.C_RESYNCS),
+                ("gaps", schema.C_GAPS),
+                ("stale_books", schema.C_STALE),
+                ("malformed", schema.C_MALFORMED),
+                ("venue_errors", schema.C_VENUE_ERRORS),
+                ("rate_limited", schema.C_RATE_LIMITED),
+            )
+        },
         "orders": int(risk[schema.C_ORDERS]),
         "fills": int(risk[schema.C_FILLS]),
         "rejects": int(risk[schema.C_REJECTS]),
@@ -302,6 +314,7 @@ def render_table(report: dict[str, Any]) -> str:
         f"dropped frames {report['dropped_frames']:,}   orders {report['orders']:,}   "
         f"fills {report['fills']:,}   rejects {report['rejects']:,}"
         + (f" ({reasons})" if reasons else ""),
+        "feed   " + "   ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in report["feed"].items()),
         f"PnL (quote)   realised {_num(pnl['realized'], ',.2f')}   "
         f"unrealised {_num(pnl['unrealized'], ',.2f')}   fees {_num(pnl['fees'], ',.2f')}",
     ]

@@ -68,6 +68,8 @@ LIVE: Final = 1  # in sequence: every diff is applied and published
 SYNCING: Final = 2  # book loaded from a snapshot, waiting for the diff that straddles it
 
 _loads = orjson.loads
+_DEPTH: Final = schema.BOOK_DEPTH
+_ASK0: Final = 2 * schema.BOOK_DEPTH  # index of the best ask price in the flat level arrays
 _HEAD = struct.Struct("<IIQqq")  # symbol_id, flags, seq, exch_ns, recv_ns
 _COUNTS = struct.Struct("<HH")
 
@@ -250,6 +252,7 @@ class BinanceFeed:
         self._books = np.zeros(1, schema.BOOK)
         self._book_mv = self._books.view(np.uint8).data
         self._top = top_view(self._books)
+        self._top_d = self._top.reshape(-1).data.cast("B").cast("d")
         self._trades = np.zeros(1, schema.TRADE)
         self._marks = np.zeros(1, schema.MARK)
         self._connected = [False, False]
@@ -327,15 +330,13 @@ class BinanceFeed:
     def _parse_depth(self, raw: bytes) -> tuple[dict[str, Any], int, int]:
         """Return (data object, n_bid, n_ask) with the levels in ``self._vals``."""
         vals, pos = self._vals, self._pos
-        status = scan_levels(raw, 2, vals, pos)
+        status = scan_levels(raw, 2, vals, pos, self._max_px, self._max_sz)
         if status == SCAN_OK:
-            b0, b1, a0, a1 = int(pos[0]), int(pos[1]), int(pos[2]), int(pos[3])
+            b0, b1, a0, a1, n_bid, n_ask = pos.tolist()
             msg = _loads(raw[:b0] + b"[]" + raw[b1:a0] + b"[]" + raw[a1:])
             data = msg["data"]
             if data["b"] == [] and data["a"] == []:
-                n_bid, n_ask = int(pos[4]), int(pos[5])
-                if self._levels_ok(n_bid + n_ask):
-                    return data, n_bid, n_ask
+                return data, n_bid, n_ask
         elif status == SCAN_BAD:
             raise MalformedMessage("not JSON")
         msg = _loads(raw)
@@ -346,19 +347,6 @@ class BinanceFeed:
         n_bid = k // 2
         k = levels_slow(data["a"], vals, k, self._max_px, self._max_sz)
         return data, n_bid, k // 2 - n_bid
-
-    def _levels_ok(self, n: int) -> bool:
-        v = self._vals[: 2 * n]
-        px = v[0::2]
-        sz = v[1::2]
-        if n == 0:
-            return True
-        return bool(
-            px.min() > 0.0
-            and px.max() < self._max_px
-            and sz.min() >= 0.0
-            and sz.max() < self._max_sz
-        )
 
     def _on_depth(self, raw: bytes, recv_ns: int) -> None:
         data, n_bid, n_ask = self._parse_depth(raw)
@@ -438,11 +426,12 @@ class BinanceFeed:
         self._publish(st, last, exch_ns, recv_ns)
 
     def _publish(self, st: _SymbolState, seq: int, exch_ns: int, recv_ns: int) -> None:
-        top = self._top
-        nb = min(st.book.n_bid, schema.BOOK_DEPTH)
-        na = min(st.book.n_ask, schema.BOOK_DEPTH)
+        top = self._top_d  # the record's level arrays as Python floats on demand
+        nb, na = st.book.counts()
+        nb = min(nb, schema.BOOK_DEPTH)
+        na = min(na, schema.BOOK_DEPTH)
         flags = 0
-        if nb and na and top[0, 0] >= top[2, 0]:
+        if nb and na and top[0] >= top[_ASK0]:
             flags |= schema.BOOK_CROSSED
             self.counters[schema.C_CROSSED] += 1
         if st.resynced:
@@ -455,7 +444,7 @@ class BinanceFeed:
         st.published = True
         self.counters[schema.C_SNAPSHOTS] += 1
         if self._cross_check and nb and na:
-            tob = (float(top[0, 0]), float(top[1, 0]), float(top[2, 0]), float(top[3, 0]))
+            tob = (top[0], top[_DEPTH], top[_ASK0], top[_ASK0 + _DEPTH])
             self._check(st, seq, tob, st.tob_by_u, st.order, st.ticker_by_u, recv_ns)
 
     def _publish_stale(self, st: _SymbolState, now_ns: int) -> None:

@@ -157,8 +157,16 @@ def _parse_level_array(
 
 
 @njit(cache=True, nogil=True)
-def _scan(buf: np.ndarray, depth: int, out: np.ndarray, pos: np.ndarray, pow10: np.ndarray) -> int:
-    n = buf.shape[0]
+def _scan(
+    buf: np.ndarray,
+    depth: int,
+    out: np.ndarray,
+    pos: np.ndarray,
+    pow10: np.ndarray,
+    max_px: float,
+    max_sz: float,
+) -> int:
+    n = len(buf)
     level = 0
     i = 0
     found_b = False
@@ -219,16 +227,29 @@ def _scan(buf: np.ndarray, depth: int, out: np.ndarray, pos: np.ndarray, pow10: 
         return SCAN_SLOW
     pos[4] = n_b
     pos[5] = (k - 2 * n_b) // 2
+    for j in range(0, k, 2):  # 0 < price < max_px, 0 <= size < max_sz, else the plain path
+        if not (0.0 < out[j] < max_px and out[j + 1] < max_sz):
+            return SCAN_SLOW
     return SCAN_OK
 
 
-def scan_levels(raw: bytes, depth: int, out: np.ndarray, pos: np.ndarray) -> int:
+def scan_levels(
+    raw: bytes,
+    depth: int,
+    out: np.ndarray,
+    pos: np.ndarray,
+    max_px: float = 1e9,
+    max_sz: float = 1e12,
+) -> int:
     """Scan the ``b`` and ``a`` level arrays of the object at nesting ``depth`` of ``raw``.
 
-    On ``SCAN_OK``: ``out[: 2 * (n_b + n_a)]`` holds px, qty pairs, bids first;
-    ``pos = [b_start, b_end, a_start, a_end, n_b, n_a]`` (byte offsets, end exclusive).
+    On ``SCAN_OK``: ``out[: 2 * (n_b + n_a)]`` holds px, qty pairs, bids first, every price
+    in (0, max_px) and every size in [0, max_sz) (sizes cannot be negative: no sign is
+    accepted); ``pos = [b_start, b_end, a_start, a_end, n_b, n_a]`` (byte offsets, end
+    exclusive).
     """
-    return int(_scan(np.frombuffer(raw, np.uint8), depth, out, pos, _POW10))
+    buf = raw if type(raw) is bytes else np.frombuffer(raw, np.uint8)  # bytes: no wrapper
+    return int(_scan(buf, depth, out, pos, _POW10, max_px, max_sz))
 
 
 # ---------------------------------------------------------------- the book
@@ -447,6 +468,11 @@ class L2Book:
     @property
     def n_bid(self) -> int:
         return int(self.st[_N_BID])
+
+    def counts(self) -> tuple[int, int]:
+        """(levels on the bid side, levels on the ask side)."""
+        c = self.st[_N_BID : _N_ASK + 1].tolist()
+        return c[0], c[1]
 
     @property
     def n_ask(self) -> int:

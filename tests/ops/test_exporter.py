@@ -175,6 +175,9 @@ def test_engine_level_metrics(engine: Engine, port: int) -> None:
     ingest.add(schema.C_RECONNECTS, 2)
     ingest.add(schema.C_VENUE_ERRORS, 3)
     ingest.add(schema.C_STALE, 7)
+    ingest.add(schema.C_GAPS, 5)
+    ingest.add(schema.C_RESYNCS, 4)
+    ingest.add(schema.C_RATE_LIMITED, 9)
     feature.add(schema.C_PROCESSED, 10)
     risk.record_ns(schema.H_E2E, 40_000, 6)
     risk.add(schema.C_FILLS, 5)
@@ -210,6 +213,9 @@ def test_engine_level_metrics(engine: Engine, port: int) -> None:
     assert sample(fams, "hft_fills", "hft_fills_total") == 5
     assert sample(fams, "hft_venue_errors", "hft_venue_errors_total") == 3
     assert sample(fams, "hft_stale_books", "hft_stale_books_total") == 7
+    assert sample(fams, "hft_book_gaps", "hft_book_gaps_total") == 5
+    assert sample(fams, "hft_book_resyncs", "hft_book_resyncs_total") == 4
+    assert sample(fams, "hft_rate_limited", "hft_rate_limited_total") == 9
     assert sample(fams, "hft_duplicates", "hft_duplicates_total", stage="risk") == 0
     assert sample(fams, "hft_pnl_realized", "hft_pnl_realized") == 12.5
     assert sample(fams, "hft_pnl_unrealized", "hft_pnl_unrealized") == -3.25

@@ -64,6 +64,8 @@ def test_once_json_reports_every_stage(
     feature.record_ns(schema.H_DURATION, 200_000, 1)
     feature.add(schema.C_PROCESSED, 12_345)
     engine.stage_stats("ingest").add(schema.C_DROPPED, 4)
+    engine.stage_stats("ingest").add(schema.C_GAPS, 3)
+    engine.stage_stats("ingest").add(schema.C_RESYNCS, 2)
     feature.add(schema.C_DROPPED, 1)
     engine.control[CTL_RESTARTS + schema.ROLE_INDEX["feature"]] = 3
     engine.writer("md_book").offer_array(np.zeros(10, schema.BOOK))
@@ -125,6 +127,8 @@ def test_once_json_reports_every_stage(
     assert doc["fills"] == 6
     assert doc["rejects"] == 2
     assert doc["rejects_by_reason"] == {"kill_switch": 2}
+    assert doc["feed"]["gaps"] == 3 and doc["feed"]["resyncs"] == 2
+    assert doc["feed"]["reconnects"] == 0 and doc["feed"]["rate_limited"] == 0
     assert doc["pnl"]["realized"] == 101.5
     assert doc["pnl"]["unrealized"] == -2.0
 
