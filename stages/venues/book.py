@@ -158,7 +158,7 @@ def _parse_level_array(
 
 @njit(cache=True, nogil=True)
 def _scan(
-    buf: np.ndarray,
+    buf: np.ndarray | bytes,
     depth: int,
     out: np.ndarray,
     pos: np.ndarray,
