@@ -44,6 +44,7 @@ SCAN_BAD: Final = 2  # the bytes cannot be a message (unbalanced, unterminated):
 DEFAULT_WINDOW: Final = 1 << 17  # ticks per side: BTCUSDT at 0.1 spans +-6,500 USD
 MAX_EXACT_MANTISSA: Final = 1 << 53
 
+Buf = np.ndarray | bytes  # what the scanner reads: bytes as they come, or a uint8 array
 _POW10 = np.array([10.0**k for k in range(23)])  # exact doubles up to 1e22
 _DEPTH: Final = schema.BOOK_DEPTH
 
@@ -64,7 +65,7 @@ _KEY_A: Final = 97
 
 
 @njit(cache=True, nogil=True)
-def _skip_ws(buf: np.ndarray, i: int, n: int) -> int:
+def _skip_ws(buf: Buf, i: int, n: int) -> int:
     while i < n:
         c = buf[i]
         if c != 32 and c != 10 and c != 13 and c != 9:
@@ -74,7 +75,7 @@ def _skip_ws(buf: np.ndarray, i: int, n: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _parse_quoted_decimal(buf: np.ndarray, i: int, n: int, pow10: np.ndarray) -> tuple[int, float]:
+def _parse_quoted_decimal(buf: Buf, i: int, n: int, pow10: np.ndarray) -> tuple[int, float]:
     """Parse ``"123.45"`` at ``buf[i]``; return (index after the closing quote, value) or (-1, 0)."""
     if i >= n or buf[i] != _QUOTE:
         return -1, 0.0
@@ -116,7 +117,7 @@ def _parse_quoted_decimal(buf: np.ndarray, i: int, n: int, pow10: np.ndarray) ->
 
 @njit(cache=True, nogil=True)
 def _parse_level_array(
-    buf: np.ndarray, i: int, n: int, out: np.ndarray, k: int, pow10: np.ndarray
+    buf: Buf, i: int, n: int, out: np.ndarray, k: int, pow10: np.ndarray
 ) -> tuple[int, int]:
     """Parse ``[["px","qty"],...]`` at ``buf[i]`` into ``out[k:]``; return (end, new k) or (-1, k)."""
     if i >= n or buf[i] != _LBRACKET:
@@ -158,7 +159,7 @@ def _parse_level_array(
 
 @njit(cache=True, nogil=True)
 def _scan(
-    buf: np.ndarray | bytes,
+    buf: Buf,
     depth: int,
     out: np.ndarray,
     pos: np.ndarray,
