@@ -17,13 +17,16 @@ the plain ``orjson`` path. It reports where the arrays were, so the caller can b
 let ``orjson`` parse and check the rest of the message; finding ``[]`` under ``data.b`` and
 ``data.a`` there proves the scanner read exactly those two arrays.
 
-``L2Book`` keeps each side in one sorted float64 array with the touch at the *end* (bids
-ascending, asks stored as negated prices, also ascending), so the common update -- a level near
-the touch -- moves only the few levels above it. A side holds ``capacity`` levels; when full,
-the level farthest from the touch is dropped and counted (a 1000-level REST snapshot is
-already a truncated view of the venue's book). ``apply_levels`` applies a whole diff and
-writes the top ``BOOK_DEPTH`` levels of both sides into the output record in the same call:
-one dispatch per message.
+``L2Book`` keeps each side on a tick grid: ``q[side, tick - base]`` is the size at a price,
+over a window of ``DEFAULT_WINDOW`` ticks centred on the market, with the best index and the
+outermost index of each side tracked, so setting a level is O(1) wherever it is (a sorted
+array pays a shift proportional to the levels between the update and the touch: 100 us per
+diff on the recorded BTCUSDT data, where diffs touch levels 5% away). When the touch drifts
+into the outer eighth of the window the window is re-centred; levels that fall outside are
+dropped and counted (a 1000-level REST snapshot is already a truncated view of the venue's
+book). ``apply`` applies a whole diff and writes the top ``BOOK_DEPTH`` levels of both sides
+into the output record in the same call: one dispatch per message. Prices come back as
+``n / (1 / tick)``, one correctly rounded division, so they equal the venue's decimals.
 
 Bounds: numba does not check indices, so every loop below checks its own.
 """
