@@ -3,7 +3,9 @@
 Why: the pipeline must be exercised end to end (ingest -> features -> models -> orders) at
 rates far above what one recorded file or the public venue gives, deterministically and with
 no network. This process serves ``/ws`` exactly like ``wss://api.hyperliquid.xyz/ws`` for the
-``l2Book`` and ``trades`` subscriptions, so the real ingest code path is what gets tested.
+``l2Book``, ``trades`` and ``activeAssetCtx`` subscriptions (the last once a second: mark at the
+fair price, a funding rate leaning with the book imbalance), so the real ingest code path is
+what gets tested.
 
     python -m ops.sim --symbols BTC,ETH,SOL,DOGE --rate 1000 --port 8765 [--seed N]
                       [--duration S] [--ready-file PATH]
@@ -377,6 +379,26 @@ class SymbolSim:
             f',"time":{time_ms}}}}}'
         )
 
+    def ctx_json(self) -> str:
+        """An ``activeAssetCtx`` frame: mark at the fair price, a funding rate that leans with
+        the imbalance (longs pay when bids dominate), open interest that wanders slowly."""
+        tick = self.spec.tick
+        mark = self.fair * tick
+        funding = 0.0000125 + 0.00002 * math.tanh(self.imb)
+        oi = 1000.0 * self.spec.touch_size * (1.0 + 0.1 * math.sin(self.updates / 50_000.0))
+        mid = (
+            (self.bids.px[0] + self.asks.px[0]) / 2 * tick
+            if self.bids.px and self.asks.px
+            else mark
+        )
+        return (
+            f'{{"channel":"activeAssetCtx","data":{{"coin":"{self.coin}","ctx":{{'
+            f'"funding":"{funding:.7f}","openInterest":"{oi:.4f}","prevDayPx":"{mark:.6g}",'
+            f'"dayNtlVlm":"0.0","premium":"{(mark / mid - 1.0) if mid else 0.0:.6f}",'
+            f'"oraclePx":"{mark:.6g}","markPx":"{mark:.6g}","midPx":"{mid:.6g}",'
+            f'"impactPxs":["{mid:.6g}","{mid:.6g}"],"dayBaseVlm":"0.0"}}}}}}'
+        )
+
     def recent_trades_json(self) -> str | None:
         """The trades frame replayed to a new ``trades`` subscriber, as the venue does."""
         if not self.recent_trades:
@@ -425,6 +447,7 @@ class Hub:
         for coin in sims:
             self.subscribers[("l2Book", coin)] = set()
             self.subscribers[("trades", coin)] = set()
+            self.subscribers[("activeAssetCtx", coin)] = set()
         self._max_buffer = max_buffer_bytes
         self._slow_client_s = slow_client_s
         self.sent = 0
@@ -487,8 +510,11 @@ class Hub:
             return
         kind = sub.get("type")
         coin = sub.get("coin")
-        if kind not in ("l2Book", "trades"):
-            self.error(client, f"Unsupported subscription type {kind!r} (l2Book, trades): {shown}")
+        if kind not in ("l2Book", "trades", "activeAssetCtx"):
+            self.error(
+                client,
+                f"Unsupported subscription type {kind!r} (l2Book, trades, activeAssetCtx): {shown}",
+            )
             return
         if not isinstance(coin, str) or coin not in self.sims:
             known = ",".join(self.sims)
@@ -516,6 +542,8 @@ class Hub:
             sim = self.sims[coin]
             if kind == "l2Book":
                 self.send(client, sim.book_json(time.time_ns() // 1_000_000).encode())
+            elif kind == "activeAssetCtx":
+                self.send(client, sim.ctx_json().encode())
             else:
                 replay = sim.recent_trades_json()
                 if replay is not None:
@@ -540,6 +568,8 @@ async def _feed(
     sims = list(hub.sims.values())
     book_subs = [hub.subscribers[("l2Book", s.coin)] for s in sims]
     trade_subs = [hub.subscribers[("trades", s.coin)] for s in sims]
+    ctx_subs = [(s, hub.subscribers[("activeAssetCtx", s.coin)]) for s in sims]
+    next_ctx = time.monotonic() + 1.0
     pairs = list(zip(sims, book_subs, trade_subs, strict=True))
     t0 = time.monotonic()
     epoch0_ns = time.time_ns()
@@ -576,6 +606,11 @@ async def _feed(
                     hub.publish(bsubs, sim.book_json(time_ms))
         window_updates += n
         now = time.monotonic()
+        if now >= next_ctx:  # the venue sends asset contexts about once a second
+            next_ctx = now + 1.0
+            for sim, csubs in ctx_subs:
+                if csubs:
+                    hub.publish(csubs, sim.ctx_json())
         if now - window_t >= _STATS_INTERVAL_S:
             span = now - window_t
             cpu = time.process_time()

@@ -112,7 +112,7 @@ def build_feed(
     if source == "sim":
         url = feed_url or f"ws://{feed_cfg.host}:{feed_cfg.port}/ws"
         return HyperliquidFeed(
-            instruments, sink, stats.ints, ws_url=url, stale_after_ns=stale_ns, ctx=False
+            instruments, sink, stats.ints, ws_url=url, stale_after_ns=stale_ns
         ), None
     eps = endpoints(feed_cfg)
     if source == "hyperliquid":

@@ -108,6 +108,7 @@ def test_stream_books_and_trades(ws: websocket.WebSocket) -> None:
     n_books = {"BTC": 0, "ETH": 0}
     n_trades = {"BTC": 0, "ETH": 0}
     last_mid = {"BTC": 0.0, "ETH": 0.0}
+    marks = {"BTC": 0, "ETH": 0}
     coin_of = {v: k for k, v in SYMBOL_IDS.items()}
     t0 = time.monotonic()
     while time.monotonic() - t0 < 1.5:
@@ -129,6 +130,14 @@ def test_stream_books_and_trades(ws: websocket.WebSocket) -> None:
             assert (rec["bid_sz"] > 0).all() and (rec["ask_sz"] > 0).all()
             n_books[coin] += 1
             last_mid[coin] = (rec["bid_px"][0] + rec["ask_px"][0]) / 2
+        if parser.marks_ready:
+            parser.marks_ready = 0
+            m = parser.marks[0]
+            coin = coin_of[int(m["symbol_id"])]
+            marks[coin] += 1
+            assert m["mark_px"] > 0 and abs(m["funding_rate"]) < 0.001
+            if last_mid[coin]:
+                assert abs(m["mark_px"] / last_mid[coin] - 1) < 0.01
         for tr in trades[:nt]:
             coin = coin_of[int(tr["symbol_id"])]
             n_trades[coin] += 1
@@ -142,6 +151,7 @@ def test_stream_books_and_trades(ws: websocket.WebSocket) -> None:
         rate = n_books[coin] / elapsed
         assert RATE * 0.5 < rate < RATE * 3, (coin, rate)
         assert n_trades[coin] > 0, n_trades
+        assert marks[coin] >= 1, "activeAssetCtx: on subscribe and about once a second"
 
 
 def test_ping_pong(ws: websocket.WebSocket) -> None:
