@@ -123,6 +123,10 @@ class MalformedMessage(ValueError):
     pass
 
 
+class UnknownSymbol(Exception):
+    """A well-formed message for a symbol we did not subscribe to: a venue error, not bad input."""
+
+
 def levels_slow(levels: Any, out: np.ndarray, k: int, max_px: float, max_sz: float) -> int:
     """Convert ``[["px","qty"],..]`` into ``out[k:]`` with full checks; return the new k.
 
@@ -293,7 +297,7 @@ class BinanceFeed:
     def on_message(self, ep: int, raw: bytes, recv_ns: int) -> None:
         """Handle one frame. Never raises on venue input: bad frames are counted."""
         try:
-            if b"depthUpdate" in raw:
+            if b'"depthUpdate"' in raw:
                 self._on_depth(raw, recv_ns)
                 return
             msg = _loads(raw)
@@ -314,6 +318,17 @@ class BinanceFeed:
                 self.ignored += 1
         except (MalformedMessage, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             self.counters[schema.C_MALFORMED] += 1
+        except UnknownSymbol:
+            self.counters[schema.C_VENUE_ERRORS] += 1
+
+    def _symbol(self, d: dict[str, Any]) -> _SymbolState:
+        vs = d["s"]
+        if type(vs) is not str:
+            raise MalformedMessage("s must be a string")
+        st = self._syms.get(vs)
+        if st is None:
+            raise UnknownSymbol(vs)
+        return st
 
     def _on_control(self, msg: Any) -> None:
         if type(msg) is not dict:
@@ -551,22 +566,23 @@ class BinanceFeed:
             st.state = SYNCING  # the next diff must straddle lastUpdateId
             return
         st.state = LIVE
+        last = buffered[0]
         for d in buffered:
             if d is not buffered[0] and d.prev != st.last_u:
+                if d.last <= st.last_u:
+                    self.counters[schema.C_DUPLICATES] += 1  # received twice: already applied
+                    continue
                 self.counters[schema.C_GAPS] += 1
                 self._resync(st, recv_ns)
                 return
-            st.book.apply(d.vals, d.n_bid, d.n_ask, self._top)
+            st.book.apply(d.vals, d.n_bid, d.n_ask, self._top)  # the top of the last one stays
             st.last_u = d.last
-        d = buffered[-1]
-        self._publish(st, d.last, d.exch_ns, d.recv_ns)
+            last = d
+        self._publish(st, last.last, last.exch_ns, last.recv_ns)
 
     # ------------------------------------------------------------------ other streams
     def _on_ticker(self, d: dict[str, Any], recv_ns: int) -> None:
-        vs = d["s"]
-        st = self._syms.get(vs) if type(vs) is str else None
-        if st is None:
-            raise MalformedMessage("unknown or bad symbol")
+        st = self._symbol(d)
         u = _int_field(d, "u")
         tick = (
             _num_field(d, "b", 0.0, self._max_px),
@@ -605,10 +621,7 @@ class BinanceFeed:
                 self._resync(st, now_ns)
 
     def _on_trade(self, d: dict[str, Any], recv_ns: int) -> None:
-        vs = d["s"]
-        st = self._syms.get(vs) if type(vs) is str else None
-        if st is None:
-            raise MalformedMessage("unknown or bad symbol")
+        st = self._symbol(d)
         tid = _int_field(d, "a" if d.get("e") == "aggTrade" else "t")
         px = _num_field(d, "p", 0.0, self._max_px)
         sz = _num_field(d, "q", 0.0, self._max_sz)
@@ -632,11 +645,10 @@ class BinanceFeed:
         self.counters[schema.C_TRADES] += 1
 
     def _on_mark(self, d: dict[str, Any], recv_ns: int) -> None:
-        vs = d["s"]
-        st = self._syms.get(vs) if type(vs) is str else None
-        if st is None:
-            raise MalformedMessage("unknown or bad symbol")
+        st = self._symbol(d)
         mark = _num_field(d, "p", 0.0, self._max_px)
+        if not mark > 0.0:
+            raise MalformedMessage("mark price must be > 0")
         index = _num_field(d, "i", 0.0, self._max_px) if "i" in d else math.nan
         rate = _num_field(d, "r", -1.0, 1.0) if d.get("r") not in (None, "") else 0.0
         nxt = _ms_field(d, "T") * _NS_PER_MS if d.get("T") else 0

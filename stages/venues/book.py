@@ -184,11 +184,12 @@ def _scan(
             while j < n:
                 cj = buf[j]
                 if cj == _BACKSLASH:
-                    j += 2
-                elif cj == _QUOTE:
+                    # an escape can spell a key ("\u0062" is "b") that the byte compare
+                    # below would miss; venues never send one in a depth message
+                    return SCAN_SLOW
+                if cj == _QUOTE:
                     break
-                else:
-                    j += 1
+                j += 1
             if j >= n:
                 return SCAN_BAD  # unterminated string
             if level == depth and j == i + 2 and (buf[i + 1] == _KEY_B or buf[i + 1] == _KEY_A):
@@ -400,11 +401,12 @@ def _apply(
             _set_bid(q, st, i, sz)
         else:
             _set_ask(q, st, i, sz)
-    # keep the touch well inside the window
+    # keep the touch well inside the window, on both edges (a one-sided or wide book can
+    # drift either way)
     bb = st[_BEST_BID]
     ba = st[_BEST_ASK]
     edge = r // 8
-    if (bb >= 0 and bb > r - edge) or (ba < r and ba < edge):
+    if (bb >= 0 and (bb > r - edge or bb < edge)) or (ba < r and (ba < edge or ba > r - edge)):
         mid = bb if ba >= r else (ba if bb < 0 else (bb + ba) // 2)
         _recenter(q, st, st[_BASE] + mid)
     # the top of both sides, best first
