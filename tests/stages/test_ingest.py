@@ -128,6 +128,8 @@ def test_books_published_bad_frames_counted_and_silence_flags_stale(eng: Engine)
     assert fresh["bid_px"][0, 0] > 0 and fresh["ask_px"][0, 0] > fresh["bid_px"][0, 0]
     assert len(stale) >= 1, "silence past stale_after_ms must flag the book stale"
     assert stale["recv_ns"][0] > fresh["recv_ns"][-1]
+    for field in ("bid_px", "bid_sz", "ask_px", "ask_sz", "seq", "n_bid", "n_ask"):
+        assert (stale[field][0] == fresh[field][-1]).all(), f"the stale copy keeps {field}"
     ints = eng.stats_all[schema.ROLE_INDEX["ingest"]]["ints"]
     assert ints[schema.C_MALFORMED] == 2
     assert ints[schema.C_VENUE_ERRORS] == 1
