@@ -278,3 +278,39 @@ def test_paper_engine_trades_on_the_binance_feed_and_stops_while_it_is_stale(
                 proc.wait()
             segment.unlink_all(ns)
     assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def test_binance_server_pings_are_answered_and_connections_renewed_before_the_limit(
+    make_engine,
+) -> None:
+    with FakeVenue("binance", BINANCE, speed=4.0, ping_interval_s=0.3) as venue:
+        r = binance_run(make_engine, venue, max_connection_age_s=1.5)
+        r.run(5.0)
+        r.agent.on_close()
+        pongs = venue.pongs_received
+        connects = venue.connects_total
+    assert pongs >= 4, "every server ping gets its pong"
+    assert connects >= 4, "both connections renewed when they reach max_connection_age_s"
+    assert int(r.ints[schema.C_RECONNECTS]) >= 2
+    books = r.all_books()
+    fresh = books[(books["flags"] & schema.BOOK_STALE) == 0]
+    assert len(fresh) > 50 and (np.diff(fresh["seq"].astype(np.int64)) > 0).all()
+    checked, differ = compare_with_tickers(books)
+    assert checked >= 5 and differ == 0
+
+
+def test_hyperliquid_pings_keep_an_idle_connection_open(make_engine, monkeypatch) -> None:
+    """The venue closes a connection that sent nothing for 60 s (here 1 s); our ping prevents it."""
+    from stages.venues import hyperliquid
+
+    monkeypatch.setattr(hyperliquid, "PING_EVERY_NS", 300_000_000)
+    with FakeVenue("hyperliquid", HYPERLIQUID, speed=1.0, idle_timeout_s=1.0) as venue:
+        eng, cfg = make_engine(
+            "hyperliquid", ws_url=venue.ws_url + "/ws", rest_url=venue.rest_url, stale_after_ms=5000
+        )
+        r = Run(eng, IngestAgent(cfg, eng, eng.stage_stats("ingest")))
+        r.run(3.5)
+        r.agent.on_close()
+        connects = venue.connects_total
+    assert connects == 1, "never idle-closed"
+    assert int(r.ints[schema.C_RECONNECTS]) == 0
