@@ -26,7 +26,7 @@ from types import FrameType
 import orjson
 import websocket
 
-from stages.config import FeedConfig
+from stages.config import ConfigError, FeedConfig
 from stages.venues.binance import binance_endpoints, depth_weight
 from stages.venues.endpoints import endpoints
 from stages.venues.feed import Endpoint
@@ -100,7 +100,7 @@ class Recorder:
             ws = websocket.create_connection(c.ep.url, timeout=5.0, skip_utf8_validation=True)
             for msg in c.ep.subscribe:
                 ws.send(msg)
-        except (OSError, websocket.WebSocketException) as exc:
+        except (OSError, ValueError, websocket.WebSocketException) as exc:
             delay = c.backoff.next_delay()
             c.next_connect_s = now + delay
             print(
@@ -213,19 +213,30 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--symbols must be comma-separated alphanumeric names, got {args.symbols!r}")
     if args.duration is not None and not args.duration > 0:
         p.error("--duration must be a positive number of seconds")
-    eps = endpoints(
-        FeedConfig(
-            source=args.venue,
-            symbols=tuple(symbols),
-            ws_url=args.ws_url,
-            rest_url=args.rest_url,
-            testnet=args.testnet,
+    try:
+        eps = endpoints(
+            FeedConfig(
+                source=args.venue,
+                symbols=tuple(symbols),
+                ws_url=args.ws_url,
+                rest_url=args.rest_url,
+                testnet=args.testnet,
+            )
         )
-    )
+    except ConfigError as exc:
+        p.error(str(exc).replace("feed.ws_url", "--ws-url").replace("feed.rest_url", "--rest-url"))
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):
+            pass
+    except OSError as exc:
+        print(f"hft record: --out {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     rec = Recorder(
         args.venue,
         symbols,
-        Path(args.out),
+        out,
         ws_url=eps.ws_url,
         rest_url=eps.rest_url,
         depth_ms=args.depth_ms,

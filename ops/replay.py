@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = {sid: ins.wire_name for sid, ins in instruments.items()}
     counters = new_counters()
-    out = open(args.tob, "w", newline="") if args.tob else None  # noqa: SIM115
+    try:
+        out = open(args.tob, "w", newline="") if args.tob else None  # noqa: SIM115
+    except OSError as exc:
+        print(f"hft replay: --tob {args.tob}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         sink = TobSink(out, names)
         snaps = InlineSnapshots() if venue == "binance" else None

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 ROLES: Final = ("ingest", "feature", "inference", "route", "risk")
 IDLE_NAMES: Final = ("spin", "yield", "backoff", "block")
@@ -180,6 +181,7 @@ class IdleConfig:
         return v or self.default
 
 
+MAX_REQUEST_WEIGHT: Final = 20  # our heaviest REST call (Binance depth 1000, Hyperliquid meta)
 STALE_AFTER_MS_DEFAULT: Final = {"sim": 2000.0, "hyperliquid": 5000.0, "binance": 3000.0}
 
 
@@ -223,10 +225,21 @@ class FeedConfig:
             raise ConfigError(f"feed.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stale_after_ms, (int, float)) or self.stale_after_ms < 0:
             raise ConfigError(f"feed.stale_after_ms must be >= 0, got {self.stale_after_ms!r}")
-        for key in ("ws_url", "rest_url"):
+        for key, schemes in (("ws_url", ("ws", "wss")), ("rest_url", ("http", "https"))):
             url = getattr(self, key)
-            if not isinstance(url, str) or (url and "://" not in url):
-                raise ConfigError(f"feed.{key} must be a URL like ws://host:port, got {url!r}")
+            if not isinstance(url, str):
+                raise ConfigError(f"feed.{key} must be a string, got {url!r}")
+            if url:
+                parts = urlsplit(url)
+                try:
+                    port_ok = parts.port is None or 0 < parts.port < 65536
+                except ValueError:
+                    port_ok = False
+                if parts.scheme not in schemes or not parts.hostname or not port_ok:
+                    raise ConfigError(
+                        f"feed.{key} must be a {' or '.join(schemes)} URL with a host "
+                        f"(like {schemes[0]}://127.0.0.1:8765), got {url!r}"
+                    )
         if not isinstance(self.testnet, bool):
             raise ConfigError(f"feed.testnet must be true or false, got {self.testnet!r}")
         if self.binance_depth_ms not in (0, 100, 250, 500):
@@ -240,6 +253,11 @@ class FeedConfig:
             )
         _positive("feed", "max_connection_age_s", self.max_connection_age_s)
         _positive("feed", "rest_weight_per_min", self.rest_weight_per_min)
+        if self.rest_weight_per_min < MAX_REQUEST_WEIGHT:
+            raise ConfigError(
+                f"feed.rest_weight_per_min must be >= {MAX_REQUEST_WEIGHT} (the weight of one "
+                f"1000-level depth snapshot or one info request), got {self.rest_weight_per_min!r}"
+            )
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ConfigError(f"feed.cache_dir must be a directory path, got {self.cache_dir!r}")
 

@@ -26,6 +26,7 @@ import select
 import ssl
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import websocket
@@ -50,6 +51,7 @@ RECV_TIMEOUT_S = 0.5  # a frame that trickles in slower is finished on the next 
 RECONNECT_AFTER_STALE = 5  # silent for this many stale periods: drop the connection
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+STABLE_AFTER_NS = 5_000_000_000  # connected and receiving this long: the backoff starts over
 MAX_MESSAGES_PER_CYCLE = 64
 _DATA_OPCODES = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 _BOOK_FIELDS = schema.BOOK.fields
@@ -109,6 +111,7 @@ class _Conn:
     last_msg_ns: int = 0
     next_ping_ns: int = 0
     stale: bool = False
+    stable: bool = False
 
 
 def build_feed(
@@ -188,7 +191,7 @@ class IngestAgent:
             )
             for msg in ep.subscribe:
                 ws.send(msg)
-        except (OSError, websocket.WebSocketException) as exc:
+        except (OSError, ValueError, websocket.WebSocketException) as exc:
             delay = c.backoff.next_delay()
             c.next_connect_s = now_s + delay
             logger.warning(
@@ -206,7 +209,7 @@ class IngestAgent:
         c.ws = ws
         c.connected_ns = c.last_msg_ns = now
         c.stale = False
-        c.backoff.reset()
+        c.stable = False  # the backoff resets only once the connection has proved itself
         c.next_ping_ns = now + ep.ping_every_ns if ep.ping else 0
         logger.info("feed connected", extra={"endpoint": ep.name, "url": _safe(ep.url)})
         self.feed.on_connected(c.index, now)
@@ -297,6 +300,9 @@ class IngestAgent:
             self._disconnect(c, "connection closed by the venue")
             return False
         c.last_msg_ns = recv_ns
+        if not c.stable and recv_ns - c.connected_ns > STABLE_AFTER_NS:
+            c.stable = True  # a venue that accepts and hangs up at once keeps backing off
+            c.backoff.reset()
         if c.stale:
             c.stale = False
             logger.info("feed alive again", extra={"endpoint": c.ep.name})
@@ -344,5 +350,9 @@ class IngestAgent:
 
 
 def _safe(url: str) -> str:
-    """A URL for logs: no query string (stream lists are long; signed ones carry secrets)."""
-    return url.split("?", 1)[0]
+    """A URL for logs: no query string (stream lists are long; signed ones carry secrets) and
+    no user:password@ part."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

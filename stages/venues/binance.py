@@ -49,7 +49,7 @@ from shm import schema
 from stages.instruments import Instrument
 from stages.venues.book import SCAN_BAD, SCAN_OK, L2Book, scan_levels, top_view
 from stages.venues.feed import Counters, Endpoint, Sink, SnapshotSource
-from stages.venues.rest import Backoff, RateLimited, RestClient, RestError
+from stages.venues.rest import Backoff, RateLimited, RestClient
 
 logger = logging.getLogger("stages.venues.binance")
 
@@ -58,6 +58,7 @@ DEFAULT_MAX_SZ: Final = 1e12
 MAX_LEVELS: Final = 5000  # per message; a 1000-level snapshot is 2000 pairs
 BUFFER_LIMIT: Final = 2000  # diffs buffered per symbol while waiting for a snapshot
 SNAPSHOT_RETRY_NS: Final = 500_000_000  # a too-old snapshot is asked for again after this
+RESYNC_CALM_NS: Final = 10_000_000_000  # a resync sooner than this after the last one backs off
 TOB_CHECK_WINDOW: Final = 4096  # recent update ids remembered for the ticker cross-check
 MAX_ID: Final = (1 << 63) - 1
 MAX_TIME_MS: Final = 9_000_000_000_000
@@ -209,6 +210,9 @@ class _SymbolState:
     synced_once: bool = False
     resynced: bool = False  # the next published book carries BOOK_RESYNCED
     published: bool = False  # a book has been published at least once
+    off_tick_seen: int = 0
+    last_resync_ns: int = 0
+    resync_backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 30.0))
     last_trade_id: int = -1
     tob_by_u: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     ticker_by_u: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
@@ -445,6 +449,17 @@ class BinanceFeed:
         nb, na = st.book.counts()
         nb = min(nb, schema.BOOK_DEPTH)
         na = min(na, schema.BOOK_DEPTH)
+        if st.book.off_tick != st.off_tick_seen:
+            self._off_tick(st, recv_ns)
+            return
+        tob = (top[0], top[_DEPTH], top[_ASK0], top[_ASK0 + _DEPTH]) if nb and na else None
+        if self._cross_check and tob is not None:
+            ticker = st.ticker_by_u.get(seq)  # the ticker usually arrives before the diff
+            if ticker is not None:
+                self.tob_checks += 1
+                if ticker != tob:
+                    self._mismatch(st, seq, tob, ticker, recv_ns)
+                    return  # never published as live: the stale copy goes out instead
         flags = 0
         if nb and na and top[0] >= top[_ASK0]:
             flags |= schema.BOOK_CROSSED
@@ -452,15 +467,20 @@ class BinanceFeed:
         if st.resynced:
             flags |= schema.BOOK_RESYNCED
             st.resynced = False
+            if st.synced_once:
+                self.counters[schema.C_RESYNCS] += 1
+            st.synced_once = True
         mv = self._book_mv
         _HEAD.pack_into(mv, 0, st.sid, flags, seq, exch_ns, recv_ns)
         _COUNTS.pack_into(mv, _OFF_COUNTS, nb, na)
         self._sink.book(self._books)
         st.published = True
         self.counters[schema.C_SNAPSHOTS] += 1
-        if self._cross_check and nb and na:
-            tob = (top[0], top[_DEPTH], top[_ASK0], top[_ASK0 + _DEPTH])
-            self._check(st, seq, tob, st.tob_by_u, st.order, st.ticker_by_u, recv_ns)
+        if self._cross_check and tob is not None and seq not in st.ticker_by_u:
+            st.tob_by_u[seq] = tob  # for a ticker that comes later
+            st.order.append(seq)
+            if len(st.order) > TOB_CHECK_WINDOW:
+                st.tob_by_u.pop(st.order.popleft(), None)
 
     def _publish_stale(self, st: _SymbolState, now_ns: int) -> None:
         """Re-publish the symbol's last book flagged stale (once per episode is enough)."""
@@ -489,7 +509,9 @@ class BinanceFeed:
     def _resync(self, st: _SymbolState, now_ns: int) -> None:
         """Forget the book's sequence and ask for a snapshot; publish it stale if it was live.
 
-        ``C_RESYNCS`` counts when the new snapshot lands, not here.
+        Resyncs of one symbol in quick succession (a venue that keeps sending gaps, rules
+        that no longer fit its prices) back off exponentially, so they never hammer REST.
+        ``C_RESYNCS`` counts when the book is live again, not here.
         """
         was_live = st.state == LIVE
         st.state = WAIT_SNAPSHOT
@@ -498,7 +520,13 @@ class BinanceFeed:
         st.order.clear()
         if was_live:
             self._publish_stale(st, now_ns)
-        self._request(st, now_ns)
+        if st.last_resync_ns and now_ns - st.last_resync_ns < RESYNC_CALM_NS:
+            st.requested_ns = 0
+            st.retry_at_ns = now_ns + int(st.resync_backoff.next_delay() * 1e9)
+        else:
+            st.resync_backoff.reset()
+            self._request(st, now_ns)
+        st.last_resync_ns = now_ns
 
     def _request(self, st: _SymbolState, now_ns: int) -> None:
         st.requested_ns = now_ns
@@ -555,10 +583,8 @@ class BinanceFeed:
             )
             return
         st.book.load(vals, n_bid, n_ask, self._top)
+        st.off_tick_seen = st.book.off_tick
         st.last_u = last_id
-        if st.synced_once:
-            self.counters[schema.C_RESYNCS] += 1
-        st.synced_once = True
         st.resynced = True
         buffered = list(st.buffer)
         st.buffer.clear()
@@ -591,34 +617,44 @@ class BinanceFeed:
             _num_field(d, "A", 0.0, self._max_sz),
         )
         if self._cross_check:
-            self._check(st, u, tick, st.ticker_by_u, st.torder, st.tob_by_u, recv_ns)
+            book = st.tob_by_u.get(u)
+            if book is not None:
+                self.tob_checks += 1
+                if book != tick:
+                    self._mismatch(st, u, book, tick, recv_ns)
+                return
+            st.ticker_by_u[u] = tick
+            st.torder.append(u)
+            if len(st.torder) > TOB_CHECK_WINDOW:
+                st.ticker_by_u.pop(st.torder.popleft(), None)
 
-    def _check(
+    def _mismatch(
         self,
         st: _SymbolState,
         u: int,
-        tob: tuple[float, float, float, float],
-        mine: dict[int, tuple[float, float, float, float]],
-        order: deque[int],
-        other: dict[int, tuple[float, float, float, float]],
+        book: tuple[float, float, float, float],
+        ticker: tuple[float, float, float, float],
         now_ns: int,
     ) -> None:
-        seen = other.get(u)
-        if seen is None:
-            mine[u] = tob
-            order.append(u)
-            if len(order) > TOB_CHECK_WINDOW:
-                mine.pop(order.popleft(), None)
-            return
-        self.tob_checks += 1
-        if seen != tob:
-            self.tob_mismatches += 1
-            logger.warning(
-                "local book disagrees with the venue's best bid/offer; resyncing",
-                extra={"symbol": st.venue_symbol, "update_id": u, "book": seen, "ticker": tob},
-            )
-            if st.state == LIVE:
-                self._resync(st, now_ns)
+        """The local top of book differs from the venue's at the same update id: rebuild."""
+        self.tob_mismatches += 1
+        logger.warning(
+            "local book disagrees with the venue's best bid/offer; resyncing",
+            extra={"symbol": st.venue_symbol, "update_id": u, "book": book, "ticker": ticker},
+        )
+        if st.state == LIVE:
+            self._resync(st, now_ns)
+
+    def _off_tick(self, st: _SymbolState, now_ns: int) -> None:
+        """Prices off the tick grid were ignored: the book is incomplete, never publish it live."""
+        n = st.book.off_tick - st.off_tick_seen
+        st.off_tick_seen = st.book.off_tick
+        self.counters[schema.C_MALFORMED] += n
+        logger.error(
+            "prices off the symbol's tick grid: are the symbol rules stale? book held stale",
+            extra={"symbol": st.venue_symbol, "tick": st.book.tick, "levels": n},
+        )
+        self._resync(st, now_ns)
 
     def _on_trade(self, d: dict[str, Any], recv_ns: int) -> None:
         st = self._symbol(d)
@@ -723,7 +759,7 @@ class RestSnapshots:
             del self._inflight[vs]
             try:
                 doc = fut.result()
-            except RestError as exc:
+            except Exception as exc:  # any failure of the worker: retry later
                 self.failures += 1
                 self.last_error = str(exc)
                 backoff = self._backoff.setdefault(vs, Backoff(0.5, 30.0))

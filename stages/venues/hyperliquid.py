@@ -446,7 +446,7 @@ class HyperliquidFeed:
         self._stale_after_ns = stale_after_ns
         self._max_age_ns = max_age_ns
         self._books = np.zeros(1, schema.BOOK)
-        self._trades = np.zeros(256, schema.TRADE)
+        self._trades = np.zeros(4096, schema.TRADE)  # a frame replaying recent fills is large
         self._last = np.zeros(schema.MAX_SYMBOLS, schema.BOOK)
         self._book_mv = self._books.view(np.uint8).data
         self._head = self._book_mv[:8].cast("I")  # symbol_id, flags (asserted at import)
@@ -512,9 +512,15 @@ class HyperliquidFeed:
         if p.marks_ready:
             p.marks_ready = 0
             self._sink.mark(p.marks)
-        seen = (p.malformed, p.duplicates, p.errors_from_venue + p.unknown_symbol, 0)
+        seen = (
+            p.malformed,
+            p.duplicates,
+            p.errors_from_venue + p.unknown_symbol,
+            p.trades_overflow,
+        )
         if seen != self._seen:
             c[schema.C_MALFORMED] += seen[0] - self._seen[0]
             c[schema.C_DUPLICATES] += seen[1] - self._seen[1]
             c[schema.C_VENUE_ERRORS] += seen[2] - self._seen[2]
+            c[schema.C_DROPPED] += seen[3] - self._seen[3]  # trades past the output array
             self._seen = seen

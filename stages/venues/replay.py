@@ -91,30 +91,41 @@ def infer_instruments(path: str | Path, venue: str) -> dict[int, Instrument]:
         if ts < 0:
             continue
         try:
-            msg = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        if venue == "binance":
-            data = msg.get("data") if isinstance(msg, dict) else None
-            if isinstance(data, dict) and isinstance(data.get("s"), str):
-                found.setdefault(data["s"], [])
-            elif isinstance(msg, dict) and "lastUpdateId" in msg:
-                sym = msg.get("symbol") or (next(iter(found)) if len(found) == 1 else None)
-                if sym:
-                    found[sym] = [lv[0] for lv in msg.get("bids", []) + msg.get("asks", [])]
-        elif isinstance(msg, dict) and msg.get("channel") == "l2Book":
-            data = msg["data"]
-            found.setdefault(data["coin"], [lv["px"] for side in data["levels"] for lv in side])
+            _collect_prices(orjson.loads(raw), venue, found)
+        except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
+            continue  # a malformed line: the replay itself counts it
         if found and all(found.values()):
             break
     if not found:
         raise RecordingError(f"{path}: no {venue} symbols found")
     out = {}
     for sid, (name, prices) in enumerate(sorted(found.items())):
-        tick = _decimal_tick(prices) if prices else 0.01
+        try:
+            tick = _decimal_tick(prices) if prices else 0.01
+        except (TypeError, ValueError, ZeroDivisionError):
+            tick = 0.01  # prices we cannot read: the replay counts those messages
         base = name[:-4] if name.endswith("USDT") else name
         out[sid] = Instrument(base, tick, 0.001, 0.0, venue=venue, venue_symbol=name)
     return out
+
+
+def _collect_prices(msg: Any, venue: str, found: dict[str, list[str]]) -> None:
+    """Note a message's symbol, and the price strings of its first book."""
+    if not isinstance(msg, dict):
+        return
+    if venue == "binance":
+        data = msg.get("data")
+        if isinstance(data, dict) and isinstance(data.get("s"), str):
+            found.setdefault(data["s"], [])
+        elif "lastUpdateId" in msg:
+            sym = msg.get("symbol") or (next(iter(found)) if len(found) == 1 else None)
+            if isinstance(sym, str):
+                found[sym] = [str(lv[0]) for lv in list(msg["bids"]) + list(msg["asks"])]
+    elif msg.get("channel") == "l2Book":
+        data = msg["data"]
+        if isinstance(data["coin"], str):
+            prices = [str(lv["px"]) for side in data["levels"] for lv in side]
+            found.setdefault(data["coin"], prices)
 
 
 class InlineSnapshots:

@@ -32,6 +32,7 @@ import math
 import random
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -381,7 +382,7 @@ class RestClient:
             if resp.getheader("Content-Encoding", "").lower() == "gzip":
                 try:
                     data = gzip.decompress(data)
-                except (OSError, EOFError) as exc:
+                except (OSError, EOFError, zlib.error) as exc:
                     raise http.client.HTTPException(f"bad gzip body: {exc}") from exc
             return resp.status, resp.headers, data
         finally:

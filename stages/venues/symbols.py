@@ -345,11 +345,13 @@ def load_instruments(
     if feed.source == "sim":
         return LoadedSymbols([_instruments.instrument(n) for n in names], "builtin", 0.0, "")
     venue = feed.source
-    rest_url = endpoints(feed).rest_url
-    host = urlsplit(rest_url).netloc or rest_url
+    full_url = endpoints(feed).rest_url
+    parts = urlsplit(full_url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "?")
+    rest_url = f"{parts.scheme}://{host}{parts.path}"  # never a user:password@ in logs or files
     path = cache_path(feed)
     if client is None:
-        client = RestClient(rest_url, venue=venue, weight_per_min=feed.rest_weight_per_min)
+        client = RestClient(full_url, venue=venue, weight_per_min=feed.rest_weight_per_min)
 
     try:
         document = _fetch(feed, client)
