@@ -35,6 +35,7 @@ from stages.venues.rest import Backoff, RestClient, RestError
 from stages.venues.symbols import binance_symbol
 
 SNAPSHOT_DELAY_S = 1.0  # after connecting: let diffs arrive first (the procedure's step 1)
+SILENT_S = 30.0  # no message for this long on a connection: reconnect
 
 
 @dataclass
@@ -45,6 +46,7 @@ class _Conn:
     next_connect_s: float = 0.0
     next_ping_ns: int = 0
     snapshot_at_s: float = 0.0  # > 0: fetch snapshots at this time
+    last_msg_s: float = 0.0
 
 
 class Recorder:
@@ -110,6 +112,7 @@ class Recorder:
             return
         ws.settimeout(1.0)
         c.ws = ws
+        c.last_msg_s = now
         c.backoff.reset()
         c.next_ping_ns = time.monotonic_ns() + c.ep.ping_every_ns if c.ep.ping else 0
         if self._rest is not None and c.ep.name == "public":
@@ -180,6 +183,10 @@ class Recorder:
                     elif opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                         self._write(f, frame.data)
                         self.messages += 1
+                        c.last_msg_s = time.monotonic()
+                for c in self._conns:  # connected but silent: a half-open connection
+                    if c.ws is not None and time.monotonic() - c.last_msg_s > SILENT_S:
+                        self._drop(c, f"silent for {SILENT_S:.0f} s")
                 now_ns = time.monotonic_ns()
                 for c in self._conns:
                     if c.ws is not None and c.ep.ping and now_ns >= c.next_ping_ns:

@@ -122,3 +122,15 @@ def test_replay_counts_corrupt_lines_and_keeps_going(
     assert hft(["replay", str(bad)]) == 0
     text = capsys.readouterr().out
     assert "malformed 2" in text
+
+
+def test_record_reconnects_a_silent_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(record, "SILENT_S", 0.5)
+    out = tmp_path / "hl.jsonl.gz"
+    with FakeVenue("hyperliquid", HYPERLIQUID, speed=20.0) as venue:
+        venue.silence(1.2)
+        args = f"--venue hyperliquid --symbols BTC --out {out} --duration 2.5".split()
+        assert record.main([*args, "--ws-url", venue.ws_url + "/ws"]) == 0
+        assert venue.connects_total >= 2, "a silent connection is dropped and made again"
