@@ -25,7 +25,7 @@ import random
 import select
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -51,6 +51,8 @@ RECV_TIMEOUT_S = 0.5  # a frame that trickles in slower is finished on the next 
 RECONNECT_AFTER_STALE = 5  # silent for this many stale periods: drop the connection
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+HANDOVER_NS = 1_000_000_000  # a renewed connection overlaps the old one this long
+MAX_HANDOVER_QUEUE = 100_000
 STABLE_AFTER_NS = 5_000_000_000  # connected and receiving this long: the backoff starts over
 MAX_MESSAGES_PER_CYCLE = 64
 _DATA_OPCODES = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
@@ -112,6 +114,10 @@ class _Conn:
     next_ping_ns: int = 0
     stale: bool = False
     stable: bool = False
+    # planned renewal: the next connection runs alongside until it has overlapped this one
+    successor: websocket.WebSocket | None = None
+    successor_ns: int = 0
+    queue: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 def build_feed(
@@ -215,6 +221,13 @@ class IngestAgent:
         self.feed.on_connected(c.index, now)
 
     def _disconnect(self, c: _Conn, why: str, *, planned: bool = False) -> None:
+        if c.successor is not None:  # a renewal in progress goes with it
+            try:
+                c.successor.shutdown()  # type: ignore[no-untyped-call]
+            except (OSError, websocket.WebSocketException):
+                pass
+            c.successor = None
+            c.queue = []
         if c.ws is not None:
             try:
                 if planned:
@@ -261,6 +274,13 @@ class IngestAgent:
 
     def _read(self, live: list[_Conn]) -> int:
         socks = {c.ws.sock: c for c in live if c.ws is not None and c.ws.sock is not None}
+        renewals = {
+            c.successor.sock: c
+            for c in live
+            if c.successor is not None and c.successor.sock is not None
+        }
+        if renewals:
+            socks.update(renewals)
         tls = [s for s in socks if isinstance(s, ssl.SSLSocket)]
         n = 0
         timeout = POLL_TIMEOUT_S
@@ -276,11 +296,17 @@ class IngestAgent:
             if not ready:
                 break
             for sock in ready:
-                c = socks[sock]
-                if not self._read_one(c):
-                    del socks[sock]
-                else:
+                c = socks.get(sock)  # type: ignore[assignment]
+                if c is None:
+                    continue  # gone earlier in this pass
+                if renewals and sock in renewals:
+                    alive = c.successor is not None and c.successor.sock is sock
+                    if not (alive and self._read_successor(c)):
+                        del socks[sock]
+                elif c.ws is not None and c.ws.sock is sock and self._read_one(c):
                     n += 1
+                else:
+                    del socks[sock]
             timeout = 0.0
         return n
 
@@ -328,8 +354,12 @@ class IngestAgent:
                 self._disconnect(c, f"silent for {silent_ns / 1e9:.1f} s")
                 return
         if ep.max_age_ns and now - c.connected_ns > ep.max_age_ns:
-            self._disconnect(c, "connection lifetime reached; reconnecting", planned=True)
-            return
+            if c.successor is None:
+                self._open_successor(c, now)
+            elif now - c.successor_ns > HANDOVER_NS or len(c.queue) > MAX_HANDOVER_QUEUE:
+                self._hand_over(c, now)
+            if c.ws is None:
+                return
         if ep.ping and now >= c.next_ping_ns and c.ws is not None:
             c.next_ping_ns = now + ep.ping_every_ns
             try:
@@ -337,8 +367,94 @@ class IngestAgent:
             except (OSError, websocket.WebSocketException) as exc:
                 self._disconnect(c, f"ping failed: {exc}")
 
+    # ------------------------------------------------------------------ planned renewal
+    def _open_successor(self, c: _Conn, now: int) -> None:
+        """Open the connection that will replace ``c`` before the venue's lifetime cut-off.
+
+        Both run side by side for ``HANDOVER_NS``: the old one keeps feeding the books, the new
+        one's frames are queued. Then the old one is closed and the queue is fed: what the old
+        one already delivered comes again and is ignored as a duplicate (diffs by update id,
+        trades by id), the rest continues the sequence, so the books never go stale.
+        """
+        try:
+            ws = websocket.create_connection(
+                c.ep.url, timeout=CONNECT_TIMEOUT_S, enable_multithread=False,
+                skip_utf8_validation=True,
+            )  # fmt: skip
+            for msg in c.ep.subscribe:
+                ws.send(msg)
+        except (OSError, ValueError, websocket.WebSocketException) as exc:
+            logger.warning(
+                "renewing the connection failed; reconnecting instead",
+                extra={"endpoint": c.ep.name, "error": str(exc)},
+            )
+            self._disconnect(c, "connection lifetime reached", planned=True)
+            return
+        ws.settimeout(RECV_TIMEOUT_S)
+        c.successor = ws
+        c.successor_ns = now
+        c.queue = []
+
+    def _drop_successor(self, c: _Conn, why: str) -> None:
+        if c.successor is not None:
+            try:
+                c.successor.shutdown()  # type: ignore[no-untyped-call]
+            except (OSError, websocket.WebSocketException):
+                pass
+        c.successor = None
+        c.queue = []
+        logger.warning("renewal connection lost; reconnecting instead", extra={"reason": why})
+        self._disconnect(c, "connection lifetime reached", planned=True)
+
+    def _read_successor(self, c: _Conn) -> bool:
+        ws = c.successor
+        assert ws is not None
+        try:
+            opcode, frame = ws.recv_data_frame(True)
+        except websocket.WebSocketTimeoutException:
+            return True
+        except (OSError, websocket.WebSocketException) as exc:
+            self._drop_successor(c, f"{type(exc).__name__}: {exc}")
+            return False
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            self._drop_successor(c, "closed by the venue")
+            return False
+        if opcode in _DATA_OPCODES:
+            c.queue.append((frame.data, time.monotonic_ns()))
+        return True
+
+    def _hand_over(self, c: _Conn, now: int) -> None:
+        old, new = c.ws, c.successor
+        assert new is not None
+        if old is not None:
+            try:
+                old.send_close()
+                old.shutdown()  # type: ignore[no-untyped-call]
+            except (OSError, websocket.WebSocketException):
+                pass
+        c.ws, c.successor = new, None
+        c.connected_ns = c.successor_ns
+        c.last_msg_ns = now
+        c.next_ping_ns = now + c.ep.ping_every_ns if c.ep.ping else 0
+        queue, c.queue = c.queue, []
+        ints = self._stats.ints
+        ints[schema.C_RECONNECTS] += 1
+        for raw, recv_ns in queue:
+            self.feed.on_message(c.index, raw, recv_ns)
+        ints[schema.C_PROCESSED] += len(queue)
+        logger.info(
+            "connection renewed before its lifetime ended",
+            extra={"endpoint": c.ep.name, "overlap_frames": len(queue)},
+        )
+
     def on_close(self) -> None:
         for c in self._conns:
+            if c.successor is not None:
+                try:
+                    c.successor.shutdown()  # type: ignore[no-untyped-call]
+                except (OSError, websocket.WebSocketException):
+                    pass
+                c.successor = None
             if c.ws is not None:
                 try:
                     c.ws.close(timeout=0.2)

@@ -292,6 +292,9 @@ def test_binance_server_pings_are_answered_and_connections_renewed_before_the_li
     assert pongs >= 4, "every server ping gets its pong"
     assert connects >= 4, "both connections renewed when they reach max_connection_age_s"
     assert int(r.ints[schema.C_RECONNECTS]) >= 2
+    # renewed with an overlap: the books never went stale and never had to be rebuilt
+    assert int(r.ints[schema.C_STALE]) == 0 and int(r.ints[schema.C_RESYNCS]) == 0
+    assert int(r.ints[schema.C_GAPS]) == 0
     books = r.all_books()
     fresh = books[(books["flags"] & schema.BOOK_STALE) == 0]
     assert len(fresh) > 50 and (np.diff(fresh["seq"].astype(np.int64)) > 0).all()
