@@ -210,7 +210,7 @@ class Router:
             return None
         qty = round_down(notional / mid, spec.lot)
         style = choose_style(urgency, edge_bps, spread_bps)
-        tick = spec.tick_near(mid) if spec.sig_figs else spec.tick
+        tick = spec.tick_near(mid)
         if style == schema.STYLE_TAKER_NOW:
             tif = schema.TIF_IOC
             through = TAKER_THROUGH_BPS * 1e-4

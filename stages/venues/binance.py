@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,7 +47,15 @@ import orjson
 from shm import schema
 from stages.instruments import Instrument
 from stages.venues.book import SCAN_BAD, SCAN_OK, L2Book, scan_levels, top_view
-from stages.venues.feed import Counters, Endpoint, Sink, SnapshotSource
+from stages.venues.feed import (
+    BOOK_COUNTS,
+    BOOK_HEAD,
+    OFF_N_BID,
+    Counters,
+    Endpoint,
+    Sink,
+    SnapshotSource,
+)
 from stages.venues.rest import Backoff, RateLimited, RestClient
 
 logger = logging.getLogger("stages.venues.binance")
@@ -71,20 +78,6 @@ SYNCING: Final = 2  # book loaded from a snapshot, waiting for the diff that str
 _loads = orjson.loads
 _DEPTH: Final = schema.BOOK_DEPTH
 _ASK0: Final = 2 * schema.BOOK_DEPTH  # index of the best ask price in the flat level arrays
-_HEAD = struct.Struct("<IIQqq")  # symbol_id, flags, seq, exch_ns, recv_ns
-_COUNTS = struct.Struct("<HH")
-
-
-def _check_layout() -> tuple[int, int]:
-    f = schema.BOOK.fields
-    assert f is not None
-    assert f["symbol_id"][1] == 0 and f["flags"][1] == 4 and f["seq"][1] == 8
-    assert f["exch_ns"][1] == 16 and f["recv_ns"][1] == 24
-    assert f["n_ask"][1] == f["n_bid"][1] + 2
-    return f["n_bid"][1], f["flags"][1]
-
-
-_OFF_COUNTS, _OFF_FLAGS = _check_layout()
 
 
 def stream_names(venue_symbol: str, depth_ms: int) -> tuple[list[str], list[str]]:
@@ -263,7 +256,6 @@ class BinanceFeed:
         self._top_d = self._top.reshape(-1).data.cast("B").cast("d")
         self._trades = np.zeros(1, schema.TRADE)
         self._marks = np.zeros(1, schema.MARK)
-        self._connected = [False, False]
         # counters the engine does not have a slot for (replay and tests read them)
         self.tob_checks = 0
         self.tob_mismatches = 0
@@ -278,13 +270,11 @@ class BinanceFeed:
         )
 
     def on_connected(self, ep: int, now_ns: int) -> None:
-        self._connected[ep] = True
         if ep == 0:
             for st in self._syms.values():
                 self._resync(st, now_ns)
 
     def on_disconnected(self, ep: int, now_ns: int) -> None:
-        self._connected[ep] = False
         if ep == 0:
             for st in self._syms.values():
                 st.state = WAIT_SNAPSHOT
@@ -471,8 +461,8 @@ class BinanceFeed:
                 self.counters[schema.C_RESYNCS] += 1
             st.synced_once = True
         mv = self._book_mv
-        _HEAD.pack_into(mv, 0, st.sid, flags, seq, exch_ns, recv_ns)
-        _COUNTS.pack_into(mv, _OFF_COUNTS, nb, na)
+        BOOK_HEAD.pack_into(mv, 0, st.sid, flags, seq, exch_ns, recv_ns)
+        BOOK_COUNTS.pack_into(mv, OFF_N_BID, nb, na)
         self._sink.book(self._books)
         st.published = True
         self.counters[schema.C_SNAPSHOTS] += 1
@@ -487,21 +477,14 @@ class BinanceFeed:
         if not st.published:
             return
         books = self._books
-        bids, asks = st.book.levels() if st.book.n_bid + st.book.n_ask else ([], [])
-        top = self._top
-        top[:] = 0.0
-        for i, (px, sz) in enumerate(bids[: schema.BOOK_DEPTH]):
-            top[0, i], top[1, i] = px, sz
-        for i, (px, sz) in enumerate(asks[: schema.BOOK_DEPTH]):
-            top[2, i], top[3, i] = px, sz
-        _HEAD.pack_into(self._book_mv, 0, st.sid, schema.BOOK_STALE, max(st.last_u, 0), 0, now_ns)
-        _COUNTS.pack_into(
-            self._book_mv,
-            _OFF_COUNTS,
-            min(len(bids), schema.BOOK_DEPTH),
-            min(len(asks), schema.BOOK_DEPTH),
+        st.book.write_top(self._top)  # the last book's levels, unchanged
+        nb, na = st.book.counts()
+        BOOK_HEAD.pack_into(
+            self._book_mv, 0, st.sid, schema.BOOK_STALE, max(st.last_u, 0), 0, now_ns
         )
-        books["exch_ns"][0] = 0
+        BOOK_COUNTS.pack_into(
+            self._book_mv, OFF_N_BID, min(nb, schema.BOOK_DEPTH), min(na, schema.BOOK_DEPTH)
+        )
         self._sink.book(books)
         self.counters[schema.C_STALE] += 1
 

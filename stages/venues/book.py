@@ -50,6 +50,7 @@ MAX_EXACT_MANTISSA: Final = 1 << 53
 Buf = np.ndarray | bytes  # what the scanner reads: bytes as they come, or a uint8 array
 _POW10 = np.array([10.0**k for k in range(23)])  # exact doubles up to 1e22
 _DEPTH: Final = schema.BOOK_DEPTH
+_NO_LEVELS = np.zeros(2)
 
 # byte constants (numba folds module globals into the compiled code)
 _QUOTE: Final = 34
@@ -497,6 +498,10 @@ class L2Book:
     def apply(self, vals: np.ndarray, n_bid: int, n_ask: int, top: np.ndarray) -> None:
         """Apply ``n_bid`` then ``n_ask`` px/qty pairs from ``vals``; write the top into ``top``."""
         _apply(self.q, self.st, vals, n_bid, n_ask, self._inv_tick, self.tick, self._exact, top)
+
+    def write_top(self, top: np.ndarray) -> None:
+        """Write the current top levels into ``top`` without changing the book."""
+        self.apply(_NO_LEVELS, 0, 0, top)
 
     def load(self, vals: np.ndarray, n_bid: int, n_ask: int, top: np.ndarray) -> None:
         """Replace the book with a snapshot's levels."""

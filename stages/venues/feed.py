@@ -17,12 +17,43 @@ reads no clock it was not given. Three runners drive the same adapters: the inge
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from shm import schema
+
+
+def _book_packers() -> tuple[struct.Struct, struct.Struct, int]:
+    """Return the two packers that write a BOOK record, after checking the layout they assume.
+
+    ``struct.pack_into`` on the record's bytes writes the whole book in two calls (about
+    1 us) where numpy field assignments take several; ``ingest_ns`` (bytes 32-40) is skipped
+    because the runner owns it. Every feed adapter writes its records with these.
+    """
+    f = schema.BOOK.fields
+    assert f is not None
+    head = [("symbol_id", "I"), ("flags", "I"), ("seq", "Q"), ("exch_ns", "q"), ("recv_ns", "q")]
+    off = 0
+    for name, code in head:
+        assert f[name][1] == off, name
+        off += struct.calcsize(code)
+    off_n_bid = f["n_bid"][1]
+    assert f["n_ask"][1] == off_n_bid + 2 and f["_pad"][1] == off_n_bid + 4
+    off = f["_pad"][1] + 4
+    for name in ("bid_px", "bid_sz", "ask_px", "ask_sz"):
+        assert f[name][1] == off, name
+        off += 8 * schema.BOOK_DEPTH
+    assert off == schema.BOOK.itemsize
+    levels = struct.Struct(f"<HH4x{4 * schema.BOOK_DEPTH}d")  # n_bid, n_ask, _pad = 0, 80 doubles
+    return struct.Struct("<" + "".join(c for _, c in head)), levels, off_n_bid
+
+
+# symbol_id, flags, seq, exch_ns, recv_ns | n_bid, n_ask, _pad, 80 level doubles | n_bid, n_ask
+BOOK_HEAD, BOOK_LEVELS, OFF_N_BID = _book_packers()
+BOOK_COUNTS = struct.Struct("<HH")
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,6 @@ share a millisecond); consumers must not use it as a gap detector.
 from __future__ import annotations
 
 import math
-import struct
 from collections import deque
 from collections.abc import Iterable
 from itertools import islice
@@ -42,7 +41,7 @@ import orjson
 
 from shm import schema
 from stages.instruments import Instrument
-from stages.venues.feed import Counters, Endpoint, Sink
+from stages.venues.feed import BOOK_HEAD, BOOK_LEVELS, OFF_N_BID, Counters, Endpoint, Sink
 
 PING: Final = b'{"method":"ping"}'
 PING_EVERY_NS: Final = 20_000_000_000  # the venue closes a connection idle for 60 s
@@ -85,34 +84,6 @@ def subscribe_messages(coins: Iterable[str], *, ctx: bool = True) -> list[bytes]
             sub = {"method": "subscribe", "subscription": {"type": kind, "coin": coin}}
             out.append(orjson.dumps(sub))
     return out
-
-
-def _check_book_layout() -> tuple[struct.Struct, struct.Struct, int]:
-    """Return the two packers that write a BOOK record, after checking the layout they assume.
-
-    ``struct.pack_into`` on the record's bytes writes the whole book in two calls (about
-    1 us) where numpy field assignments take several; ``ingest_ns`` (bytes 32-40) is skipped
-    because the runner owns it.
-    """
-    f = schema.BOOK.fields
-    assert f is not None
-    head = [("symbol_id", "I"), ("flags", "I"), ("seq", "Q"), ("exch_ns", "q"), ("recv_ns", "q")]
-    off = 0
-    for name, code in head:
-        assert f[name][1] == off, name
-        off += struct.calcsize(code)
-    off_n_bid = f["n_bid"][1]
-    assert f["n_ask"][1] == off_n_bid + 2 and f["_pad"][1] == off_n_bid + 4
-    off = f["_pad"][1] + 4
-    for name in ("bid_px", "bid_sz", "ask_px", "ask_sz"):
-        assert f[name][1] == off, name
-        off += 8 * _DEPTH
-    assert off == schema.BOOK.itemsize
-    levels = struct.Struct(f"<HH4x{4 * _DEPTH}d")  # n_bid, n_ask, _pad = 0, 80 doubles
-    return struct.Struct("<" + "".join(c for _, c in head)), levels, off_n_bid
-
-
-_BOOK_HEAD, _BOOK_LEVELS, _OFF_N_BID = _check_book_layout()
 
 
 class HyperliquidParser:
@@ -277,8 +248,8 @@ class HyperliquidParser:
         if books is not self._books:
             self._bind_books(books)
         mv = self._book_mv
-        _BOOK_HEAD.pack_into(mv, 0, sid, flags, time_ms, time_ms * _NS_PER_MS, recv_ns)
-        _BOOK_LEVELS.pack_into(mv, _OFF_N_BID, n_bid, n_ask, *values)
+        BOOK_HEAD.pack_into(mv, 0, sid, flags, time_ms, time_ms * _NS_PER_MS, recv_ns)
+        BOOK_LEVELS.pack_into(mv, OFF_N_BID, n_bid, n_ask, *values)
         return _ONE_BOOK
 
     def _bind_books(self, books: np.ndarray) -> None:
