@@ -71,6 +71,20 @@ def _pcts(ns: list[int]) -> dict[str, float]:
     }
 
 
+def _timed(
+    feed: BinanceFeed | HyperliquidFeed, msgs: list[tuple[int, bytes]]
+) -> tuple[float, list[int]]:
+    """(messages/s over the whole loop, ns of each message) for one pass through ``feed``."""
+    perf = time.perf_counter_ns
+    ns: list[int] = []
+    t0 = time.perf_counter()
+    for ts, raw in msgs:
+        a = perf()
+        feed.on_message(0, raw, ts)
+        ns.append(perf() - a)
+    return len(msgs) / (time.perf_counter() - t0), ns
+
+
 def _loads_rate(msgs: list[bytes], rounds: int) -> float:
     loads = orjson.loads
     best = []
@@ -105,18 +119,11 @@ def bench_binance(path: Path, rounds: int, writer: RingWriter) -> dict[str, Any]
         feed.on_message(0, raw, ts)
     rates, lat = [], []
     published = gaps = malformed = 0
-    perf = time.perf_counter_ns
     for _ in range(rounds):
         sink = RingPublish(writer)
         feed, counters = fresh(sink)
-        ns: list[int] = []
-        t0 = time.perf_counter()
-        for ts, raw in diffs:
-            a = perf()
-            feed.on_message(0, raw, ts)
-            ns.append(perf() - a)
-        rates.append(len(diffs) / (time.perf_counter() - t0))
-        lat = ns
+        rate, lat = _timed(feed, diffs)
+        rates.append(rate)
         published = sink.n
         gaps = counters[schema.C_GAPS]
         malformed = counters[schema.C_MALFORMED]
@@ -164,18 +171,10 @@ def bench_hyperliquid(path: Path, rounds: int, writer: RingWriter, repeat: int) 
     instruments = infer_instruments(path, "hyperliquid")
     msgs = books * repeat
     rates, lat = [], []
-    perf = time.perf_counter_ns
     for _ in range(rounds + 1):  # the first round warms up
-        sink = RingPublish(writer)
-        feed = HyperliquidFeed(instruments, sink, new_counters())
-        ns: list[int] = []
-        t0 = time.perf_counter()
-        for ts, raw in msgs:
-            a = perf()
-            feed.on_message(0, raw, ts)
-            ns.append(perf() - a)
-        rates.append(len(msgs) / (time.perf_counter() - t0))
-        lat = ns
+        feed = HyperliquidFeed(instruments, RingPublish(writer), new_counters())
+        rate, lat = _timed(feed, msgs)
+        rates.append(rate)
     rate = statistics.median(rates[1:])
     parse_only = _loads_rate([r for _, r in msgs], rounds)
     return {
