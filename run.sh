@@ -31,7 +31,7 @@ bootstrap() {
     fi
     echo "run.sh: installing the project and its dependencies into .venv" >&2
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]" >&2
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,train]" >&2
     echo "$want" > "$stamp"
 }
 

@@ -4,6 +4,7 @@
     hft monitor [--once] [--json] [--interval S]
     hft kill [--reset] | hft pause | hft resume      the control block of a running engine
     hft exporter | hft sim ... | hft cleanup
+    hft export-features REC --out F.parquet | hft train F.parquet --asset-class C --out DIR
 
 Exit codes: 0 success, 1 runtime failure, 2 wrong usage or bad configuration.
 """
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("record", cmd_record, "record a venue's raw public feed: --venue V --symbols A,B --out F"),
         ("replay", cmd_replay, "replay a recording through the real parser and books (--tob CSV)"),
         ("fake-venue", cmd_fake_venue, "serve a recording as a fake Binance/Hyperliquid venue"),
+        (
+            "export-features",
+            cmd_export_features,
+            "replay a recording through the feature kernels into Parquet: REC --out F.parquet",
+        ),
+        ("train", cmd_train, "train the four models on exported features: F.parquet --out DIR"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -211,6 +218,18 @@ def cmd_fake_venue(args: argparse.Namespace) -> int:
     return fakevenue.main(args.rest)
 
 
+def cmd_export_features(args: argparse.Namespace) -> int:
+    from ops import export
+
+    return export.main(args.rest)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ops import train
+
+    return train.main(args.rest)
+
+
 PASSTHROUGH = {
     "monitor": cmd_monitor,
     "exporter": cmd_exporter,
@@ -218,6 +237,8 @@ PASSTHROUGH = {
     "record": cmd_record,
     "replay": cmd_replay,
     "fake-venue": cmd_fake_venue,
+    "export-features": cmd_export_features,
+    "train": cmd_train,
 }
 
 

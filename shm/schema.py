@@ -20,9 +20,9 @@ from typing import Final
 
 import numpy as np
 
-LAYOUT_VERSION: Final = 2
+LAYOUT_VERSION: Final = 3
 BOOK_DEPTH: Final = 20
-MAX_FEATURES: Final = 16
+MAX_FEATURES: Final = 24
 MAX_SYMBOLS: Final = 64
 SYMBOL_NAME_LEN: Final = 16
 
@@ -132,15 +132,28 @@ TRADE = np.dtype(
 )
 
 # feature indices into FEATURES["values"]; the feature stage writes them, models read them
+# by name (a model's sidecar lists the names it was trained on). Formulas: stages/feature.py.
 F_SPREAD_BPS: Final = 0
-F_MICROPRICE: Final = 1
+F_MICROPRICE: Final = 1  # a price, not a model input
 F_MICRO_DEV_BPS: Final = 2  # (microprice - mid) / mid in bps
 F_OBI: Final = 3  # top-of-book imbalance in [-1, 1]
 F_DEPTH_IMB: Final = 4  # 10-level depth imbalance in [-1, 1]
 F_RVOL_BPS: Final = 5  # realised volatility of mid log returns, bps per update
-F_OFI: Final = 6  # order flow imbalance at the touch, in base units
+F_OFI: Final = 6  # order flow imbalance over the window, in mean top-of-book depths
 F_TRADE_INTENSITY: Final = 7  # trades per second, exponentially weighted
-N_FEATURES_V1: Final = 8
+F_OFI_TICK: Final = 8  # this update's order flow, in mean top-of-book depths
+F_ATR_BPS: Final = 9  # average true range of 1 s mid bars over the window, bps of mid
+F_FUNDING_BPS: Final = 10  # funding rate per 8 h, bps (0 where the venue has none)
+F_VWAP_RATIO_BPS: Final = 11  # (mid / VWAP of the window's trades - 1) in bps
+F_IMPACT_LOG_A: Final = 12  # ln A of impact_bps = A * (notional / 100k)^beta, fitted on the book
+F_IMPACT_BETA: Final = 13
+F_DEPTH_LOG_ALPHA: Final = 14  # ln alpha of depth_usd(d_bps) = alpha * d_bps^beta
+F_DEPTH_BETA: Final = 15
+F_TOD_SIN: Final = 16  # time of day (UTC), cyclic
+F_TOD_COS: Final = 17
+F_DOW_SIN: Final = 18  # day of week (UTC, Monday = 0), cyclic
+F_DOW_COS: Final = 19
+N_FEATURES: Final = 20
 FEATURE_NAMES: Final = (
     "spread_bps",
     "microprice",
@@ -150,7 +163,23 @@ FEATURE_NAMES: Final = (
     "rvol_bps",
     "ofi",
     "trade_intensity",
+    "ofi_tick",
+    "atr_bps",
+    "funding_bps",
+    "vwap_ratio_bps",
+    "impact_log_a",
+    "impact_beta",
+    "depth_log_alpha",
+    "depth_beta",
+    "tod_sin",
+    "tod_cos",
+    "dow_sin",
+    "dow_cos",
 )
+assert len(FEATURE_NAMES) == N_FEATURES <= MAX_FEATURES
+
+# the inference stage's models, in the order it runs them (cheapest first)
+MODEL_NAMES: Final = ("edge", "gbdt", "idec", "transformer")
 
 FEATURES = np.dtype(
     [
@@ -278,6 +307,8 @@ MARK = np.dtype(
         ("funding_rate", "<f8"),  # per funding interval (Binance 8 h, Hyperliquid 1 h)
         ("next_funding_ns", "<i8"),  # ns since the epoch; 0 if the venue does not say
         ("open_interest", "<f8"),  # base units; NaN if the venue does not say
+        ("funding_interval_s", "<u4"),  # Binance 8 h (a few symbols 4 h), Hyperliquid 1 h
+        ("_pad0", "<u4"),
     ],
     align=True,
 )
@@ -333,7 +364,13 @@ C_GAPS: Final = 30  # sequence gaps detected in a venue's diff stream
 C_RATE_LIMITED: Final = 31  # venue REST answers 429/418, and requests held back by our own limiter
 N_COUNTERS: Final = 32
 REJECT_COUNTERS_BASE: Final = 32  # one counter per REJECT_REASONS entry after the generic ones
-N_INT_SLOTS: Final = REJECT_COUNTERS_BASE + 32
+MODEL_COUNTERS_BASE: Final = REJECT_COUNTERS_BASE + 32
+# inference, per model (index in MODEL_NAMES): runs, deadline misses, failed runs
+MODEL_RUNS: Final = 0
+MODEL_TIMEOUTS: Final = 1
+MODEL_ERRORS: Final = 2
+N_MODEL_COUNTERS: Final = 3
+N_INT_SLOTS: Final = MODEL_COUNTERS_BASE + N_MODEL_COUNTERS * 4
 
 # float gauges
 G_REALIZED: Final = 0
@@ -347,7 +384,8 @@ N_GAUGES: Final = 8
 # (tick-to-order at risk)
 H_DURATION: Final = 0
 H_E2E: Final = 1
-N_HISTS: Final = 2
+H_MODEL_BASE: Final = 2  # inference: one duration histogram per model, in MODEL_NAMES order
+N_HISTS: Final = H_MODEL_BASE + 4
 HIST_SUB_BITS: Final = 2  # 4 sub-buckets per power of two: about 19% worst-case bucket width
 HIST_BUCKETS: Final = 168  # covers up to 2**41 ns (36 min)
 
@@ -377,15 +415,15 @@ ALL_DTYPES: Final = {
 _EXPECTED_SIZES: Final = {
     "BOOK": 688,
     "TRADE": 56,
-    "FEATURES": 216,
+    "FEATURES": 280,
     "SIGNAL": 120,
     "ORDER": 96,
     "ORDER_EVENT": 72,
     "CONTROL": 176,
     "SYMBOL": 104,
-    "MARK": 72,
+    "MARK": 80,
     "POSITION": 72,
-    "STAGE_STATS": 3264,
+    "STAGE_STATS": 8736,
 }
 for _name, _dt in ALL_DTYPES.items():
     assert _dt.itemsize == _EXPECTED_SIZES[_name], (_name, _dt.itemsize)

@@ -682,6 +682,7 @@ class BinanceFeed:
         m["funding_rate"][0] = rate
         m["next_funding_ns"][0] = nxt
         m["open_interest"][0] = math.nan
+        m["funding_interval_s"][0] = 8 * 3600  # the stream does not say; 8 h is the default
         self._sink.mark(m)
 
 

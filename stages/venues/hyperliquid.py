@@ -297,6 +297,7 @@ class HyperliquidParser:
         m["funding_rate"][0] = funding
         m["next_funding_ns"][0] = 0  # hourly on the venue; the frame does not say when
         m["open_interest"][0] = oi
+        m["funding_interval_s"][0] = 3600
         self.marks_ready = 1
 
     # ------------------------------------------------------------------ trades

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,12 @@ import pytest
 from shm import schema
 from stages.feature import FeatureState, compute_features, update_trades
 from tests.books import make_book
+from tests.stages.feature_reference import SEC, Levels, RefFeatures, assert_features, levels_of
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hyperliquid-btc-20250126.jsonl.gz"
-SEC = 1_000_000_000
-Levels = list[tuple[float, float]]
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def levels_of(rec: np.void | np.ndarray) -> tuple[Levels, Levels]:
-    rec = np.asarray(rec).reshape(())
-    nb, na = int(rec["n_bid"]), int(rec["n_ask"])
-    bids = [(float(rec["bid_px"][i]), float(rec["bid_sz"][i])) for i in range(nb)]
-    asks = [(float(rec["ask_px"][i]), float(rec["ask_sz"][i])) for i in range(na)]
-    return bids, asks
 
 
 def make_trades(rows: list[tuple[int, int]]) -> np.ndarray:
@@ -59,82 +49,6 @@ def features(books: np.ndarray, state: FeatureState) -> np.ndarray:
     return out
 
 
-class RefFeatures:
-    """The docstring's formulas, written the slow and obvious way over Python floats."""
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.last_mid: dict[int, float] = {}
-        self.returns: dict[int, list[float]] = defaultdict(list)
-        self.prev: dict[int, tuple[float, float, float, float]] = {}
-        self.trade_times: dict[int, list[int]] = defaultdict(list)
-
-    def trade(self, sym: int, t: int) -> None:
-        self.trade_times[sym].append(t)
-
-    def book(self, sym: int, bids: Levels, asks: Levels, t: int) -> tuple[list[float], float]:
-        """Return (the 8 feature values, mid) and advance the state."""
-        if not bids or not asks:
-            return [math.nan] * schema.N_FEATURES_V1, math.nan
-        (b, bq), (a, aq) = bids[0], asks[0]
-        mid = (b + a) / 2
-        micro = (b * aq + a * bq) / (bq + aq)
-        db = math.fsum(sz for _, sz in bids[:10])
-        da = math.fsum(sz for _, sz in asks[:10])
-
-        if sym in self.last_mid:
-            self.returns[sym].append(math.log(mid / self.last_mid[sym]))
-        self.last_mid[sym] = mid
-        last = self.returns[sym][-self.window :]
-        rvol = math.sqrt(math.fsum(r * r for r in last) / len(last)) * 1e4 if last else 0.0
-
-        ofi = 0.0
-        if sym in self.prev:
-            pb, pbq, pa, paq = self.prev[sym]
-            # Cont, Kukanov & Stoikov (2014), case by case
-            if b > pb:
-                e_b = bq
-            elif b == pb:
-                e_b = bq - pbq
-            else:
-                e_b = -pbq
-            if a < pa:
-                e_a = aq
-            elif a == pa:
-                e_a = aq - paq
-            else:
-                e_a = -paq
-            ofi = e_b - e_a
-        self.prev[sym] = (b, bq, a, aq)
-
-        intensity = math.fsum(math.exp(-(t - tk) / SEC) for tk in self.trade_times[sym])
-        vals = [
-            (a - b) / mid * 1e4,
-            micro,
-            (micro - mid) / mid * 1e4,
-            (bq - aq) / (bq + aq),
-            (db - da) / (db + da),
-            rvol,
-            ofi,
-            intensity,
-        ]
-        return vals, mid
-
-
-def assert_features(row: np.void, expected: list[float], mid: float, *, ctx: object = "") -> None:
-    got = row["values"][: schema.N_FEATURES_V1].tolist()
-    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
-        name = schema.FEATURE_NAMES[k]
-        if math.isnan(e):
-            assert math.isnan(g), (ctx, name, g)
-        else:
-            assert math.isclose(g, e, rel_tol=1e-9, abs_tol=1e-9), (ctx, name, g, e)
-    if math.isnan(mid):
-        assert math.isnan(float(row["mid"]))
-    else:
-        assert math.isclose(float(row["mid"]), mid, rel_tol=1e-15), (ctx, "mid")
-
-
 # ---------------------------------------------------------------- stateless features
 def test_top_of_book_features_match_reference() -> None:
     bids = [(100.0, 3.0), (99.5, 1.0)]
@@ -154,8 +68,10 @@ def test_top_of_book_features_match_reference() -> None:
     assert v[schema.F_DEPTH_IMB] == pytest.approx((4.0 - 5.0) / 9.0, rel=1e-12)
     # first book of a symbol: no return, no previous book, no trades
     assert v[schema.F_RVOL_BPS] == 0.0
-    assert v[schema.F_OFI] == 0.0
+    assert math.isnan(v[schema.F_OFI]) and math.isnan(v[schema.F_OFI_TICK])
     assert v[schema.F_TRADE_INTENSITY] == 0.0
+    assert math.isnan(v[schema.F_ATR_BPS]) and math.isnan(v[schema.F_VWAP_RATIO_BPS])
+    assert math.isnan(v[schema.F_FUNDING_BPS])
 
 
 def test_header_fields_are_carried_through() -> None:
@@ -223,7 +139,7 @@ def test_rvol_matches_reference_through_window_wrap_and_resum() -> None:
         r = np.diff(np.log(np.array(mids_seen)))[-window:]
         np_ref = float(np.sqrt(np.mean(r**2)) * 1e4) if len(r) else 0.0
         got = float(row["values"][schema.F_RVOL_BPS])
-        assert got == pytest.approx(vals[schema.F_RVOL_BPS], rel=1e-9), k
+        assert got == pytest.approx(vals["rvol_bps"], rel=1e-9), k
         assert got == pytest.approx(np_ref, rel=1e-9), k
         assert st.ret_count[0] == min(k, window)
     assert len(mids) - 1 > 5 * window  # wrapped and re-summed several times
@@ -246,7 +162,7 @@ def test_rvol_resum_bounds_drift_after_volatility_regime_change() -> None:
         vals, _ = ref.book(0, *levels_of(book[0]), 0)
         if k >= len(mids) - 2 * window:  # the window and the resum have passed the regime change
             got = float(out[k]["values"][schema.F_RVOL_BPS])
-            assert got == pytest.approx(vals[schema.F_RVOL_BPS], rel=1e-6), k
+            assert got == pytest.approx(vals["rvol_bps"], rel=1e-6), k
 
 
 def test_rvol_window_larger_than_history_averages_over_what_exists() -> None:
@@ -263,24 +179,34 @@ def test_rvol_window_larger_than_history_averages_over_what_exists() -> None:
 # ---------------------------------------------------------------- OFI
 def test_ofi_follows_cont_formula_on_hand_made_books() -> None:
     seq = [
-        # (bid, bid size, ask, ask size), expected OFI worked out by hand
-        ((100.0, 5.0, 101.0, 4.0), 0.0),  # first book: nothing to compare with
+        # (bid, bid size, ask, ask size), this update's flow e worked out by hand
+        ((100.0, 5.0, 101.0, 4.0), math.nan),  # first book: nothing to compare with
         ((100.5, 2.0, 101.0, 4.0), 2.0),  # bid up: +new bid size; ask unchanged
         ((100.5, 3.0, 101.0, 4.0), 1.0),  # bid same, more size: +1
         ((100.5, 3.0, 100.8, 1.0), -1.0),  # ask down: -new ask size
         ((100.2, 7.0, 100.8, 1.0), -3.0),  # bid down: -old bid size
         ((100.2, 7.0, 101.5, 9.0), 1.0),  # ask up: +old ask size
         ((100.2, 6.0, 101.5, 11.0), -3.0),  # both same: (6-7) - (11-9)
-        ((100.3, 2.0, 100.9, 0.5), 1.5),  # both improve: 2 - 0.5
+        ((100.3, 2.0, 100.8, 0.5), 1.5),  # both improve: 2 - 0.5
     ]
-    st = FeatureState(n_symbols=1, window=10)
-    ref = RefFeatures(window=10)
-    for k, ((b, bq, a, aq), expected) in enumerate(seq):
+    window = 4
+    st = FeatureState(n_symbols=1, window=window)
+    ref = RefFeatures(window=window)
+    flows: list[tuple[float, float]] = []
+    for k, ((b, bq, a, aq), e) in enumerate(seq):
         book = make_book([(b, bq), (b - 1, 10.0)], [(a, aq), (a + 1, 10.0)], recv_ns=k)
-        got = float(features(book, st)[0]["values"][schema.F_OFI])
-        vals, _ = ref.book(0, [(b, bq)], [(a, aq)], 0)
-        assert got == pytest.approx(expected, abs=1e-12), k
-        assert got == pytest.approx(vals[schema.F_OFI], abs=1e-12), k
+        v = features(book, st)[0]["values"]
+        vals, _ = ref.book(0, *levels_of(book[0]), k)
+        if math.isnan(e):
+            assert math.isnan(v[schema.F_OFI]) and math.isnan(v[schema.F_OFI_TICK])
+            continue
+        flows.append((e, (bq + aq) / 2))
+        last = flows[-window:]  # the window wraps after four flows
+        depth = sum(d for _, d in last) / len(last)
+        assert v[schema.F_OFI_TICK] == pytest.approx(e / depth, abs=1e-12), k
+        assert v[schema.F_OFI] == pytest.approx(sum(x for x, _ in last) / depth, abs=1e-12), k
+        assert v[schema.F_OFI] == pytest.approx(vals["ofi"], abs=1e-12), k
+        assert v[schema.F_OFI_TICK] == pytest.approx(vals["ofi_tick"], abs=1e-12), k
 
 
 # ---------------------------------------------------------------- trade intensity
@@ -314,7 +240,7 @@ def test_trade_intensity_matches_sum_of_exponentials() -> None:
         got = features(make_book(bids, asks, recv_ns=t), st)[0]
         vals, _ = ref.book(0, bids, asks, t)
         assert got["values"][schema.F_TRADE_INTENSITY] == pytest.approx(
-            vals[schema.F_TRADE_INTENSITY], rel=1e-9
+            vals["trade_intensity"], rel=1e-9
         )
 
 
@@ -331,7 +257,7 @@ def test_empty_side_gives_nan_features_not_a_crash(bids: Levels, asks: Levels) -
     hole = make_book(bids, asks, recv_ns=2)
     after = make_book([(99.5, 1.0)], [(100.5, 1.0)], recv_ns=3)
     out = features(np.concatenate([first, hole, after]), st)
-    assert np.isnan(out[1]["values"][: schema.N_FEATURES_V1]).all()
+    assert np.isnan(out[1]["values"][: schema.N_FEATURES]).all()
     assert math.isnan(out[1]["mid"])
     # the state is not poisoned: the next book compares with the last good one
     ref = RefFeatures(window=10)
@@ -339,7 +265,7 @@ def test_empty_side_gives_nan_features_not_a_crash(bids: Levels, asks: Levels) -
     ref.book(0, *levels_of(first[0]), 1)
     vals, mid = ref.book(0, *levels_of(after[0]), 3)
     assert_features(out[2], vals, mid)
-    assert np.isfinite(out[2]["values"][: schema.N_FEATURES_V1]).all()
+    assert np.isfinite(out[2]["values"][: schema.F_OFI_TICK + 1]).all()
 
 
 # ---------------------------------------------------------------- per-symbol state, batching
@@ -499,18 +425,174 @@ def test_real_hyperliquid_books_match_reference() -> None:
     for kind, arr in events:
         if kind == "trades":
             update_trades(arr, st)
-            for t in arr["recv_ns"].tolist():
-                ref.trade(0, t)
+            for tr in arr:
+                ref.trade(0, int(tr["recv_ns"]), float(tr["px"]), float(tr["sz"]))
             continue
         row = features(arr, st)[0]
-        vals, mid = ref.book(0, *levels_of(arr[0]), int(arr[0]["recv_ns"]))
-        # OFI is in base units and rvol is tiny on a quiet tape: give them an absolute floor
-        got = row["values"]
-        for k in (schema.F_RVOL_BPS, schema.F_OFI):
-            assert got[k] == pytest.approx(vals[k], rel=1e-9, abs=1e-6), (n_books, k)
-            vals[k] = float(got[k])
+        vals, mid = ref.book(
+            0, *levels_of(arr[0]), int(arr[0]["recv_ns"]), exch_ns=int(arr[0]["exch_ns"])
+        )
         assert_features(row, vals, mid, ctx=n_books)
-        assert np.isfinite(got[: schema.N_FEATURES_V1]).all()
         n_books += 1
     assert n_books == sum(1 for _, raw in frames if b'"l2Book"' in raw)
     assert n_books >= 40
+
+
+def _ordered_replay(path: Path, venue: str) -> list[tuple[str, np.ndarray]]:
+    """Books, trades and marks in the order the venue adapter publishes them."""
+    from stages.venues.feed import new_counters
+    from stages.venues.replay import InlineSnapshots, infer_instruments, make_feed, replay
+
+    events: list[tuple[str, np.ndarray]] = []
+
+    class Ordered:
+        def book(self, books: np.ndarray) -> None:
+            events.append(("book", books[:1].copy()))
+
+        def trades(self, trades: np.ndarray) -> None:
+            events.append(("trades", trades.copy()))
+
+        def mark(self, marks: np.ndarray) -> None:
+            events.append(("mark", marks[:1].copy()))
+
+    snaps = InlineSnapshots() if venue == "binance" else None
+    feed = make_feed(venue, infer_instruments(path, venue), Ordered(), new_counters(), snaps)
+    replay(path, feed, snaps)
+    return events
+
+
+@pytest.mark.parametrize(
+    ("name", "venue", "window"),
+    [
+        ("binance-usdm-btcusdt-20240808-excerpt.jsonl.gz", "binance", 50),
+        ("hyperliquid-btc-20250126.jsonl.gz", "hyperliquid", 7),
+    ],
+)
+def test_every_feature_matches_reference_on_recorded_venue_data(
+    name: str, venue: str, window: int
+) -> None:
+    """All 20 values of every book the venue adapter publishes from a real recording, against
+    the plain reference, with windows small enough to wrap and re-sum many times."""
+    events = _ordered_replay(DATA.parent / name, venue)
+    st = FeatureState(n_symbols=1, window=window)
+    ref = RefFeatures(window=window)
+    n_books = n_trades = 0
+    finite = np.zeros(schema.N_FEATURES, np.int64)
+    for kind, arr in events:
+        if kind == "trades":
+            update_trades(arr, st)
+            for tr in arr:
+                ref.trade(0, int(tr["recv_ns"]), float(tr["px"]), float(tr["sz"]))
+            n_trades += len(arr)
+            continue
+        if kind == "mark":
+            continue
+        rec = arr[0]
+        row = features(arr, st)[0]
+        vals, mid = ref.book(0, *levels_of(rec), int(rec["recv_ns"]), exch_ns=int(rec["exch_ns"]))
+        assert_features(row, vals, mid, ctx=(n_books, int(rec["seq"])))
+        finite += np.isfinite(row["values"][: schema.N_FEATURES])
+        n_books += 1
+    assert n_books > 40 and n_trades > 0
+    # after warm-up every feature but funding (no mark in these files) was computed
+    never = [schema.FEATURE_NAMES[k] for k in range(schema.N_FEATURES) if finite[k] == 0]
+    assert never == ["funding_bps"]
+
+
+def test_atr_uses_completed_one_second_bars_and_the_previous_close() -> None:
+    st = FeatureState(n_symbols=1, window=2)
+    mids_by_second = [[100.0, 101.0, 99.5], [99.0, 98.0], [104.0], [104.5]]
+    out = []
+    for sec, mids in enumerate(mids_by_second):
+        for k, m in enumerate(mids):
+            book = make_book([(m - 0.5, 1.0)], [(m + 0.5, 1.0)], recv_ns=sec * SEC + k)
+            out.append(float(features(book, st)[0]["values"][schema.F_ATR_BPS]))
+    assert all(math.isnan(x) for x in out[:3])  # the first bar is still open
+    tr1 = (101.0 - 99.5) / 99.5 * 1e4  # bar 1: high 101, low 99.5, close 99.5 (no previous close)
+    tr2 = (99.5 - 98.0) / 98.0 * 1e4  # bar 2: high max(99, close 99.5), low 98
+    tr3 = (104.0 - 98.0) / 104.0 * 1e4  # bar 3: a gap up from the close 98 counts
+    assert out[3] == pytest.approx(tr1, rel=1e-12)
+    assert out[4] == pytest.approx(tr1, rel=1e-12)
+    assert out[5] == pytest.approx((tr1 + tr2) / 2, rel=1e-12)
+    assert out[6] == pytest.approx((tr2 + tr3) / 2, rel=1e-12)  # window of 2 bars
+
+
+def test_vwap_ratio_over_the_last_window_trades() -> None:
+    st = FeatureState(n_symbols=2, window=3)
+    tr = np.zeros(4, schema.TRADE)
+    tr["symbol_id"] = 0
+    tr["recv_ns"] = [1, 2, 3, 4]
+    tr["px"] = [90.0, 100.0, 110.0, 120.0]
+    tr["sz"] = [50.0, 1.0, 2.0, 1.0]
+    update_trades(tr, st)
+    v = features(make_book([(99.5, 1.0)], [(100.5, 1.0)], recv_ns=5), st)[0]["values"]
+    vwap = (100.0 + 220.0 + 120.0) / 4.0  # the 90 x 50 print has left the window
+    assert v[schema.F_VWAP_RATIO_BPS] == pytest.approx((100.0 / vwap - 1) * 1e4, rel=1e-12)
+    other = features(make_book([(9.0, 1.0)], [(10.0, 1.0)], symbol_id=1), st)[0]["values"]
+    assert math.isnan(other[schema.F_VWAP_RATIO_BPS])
+
+
+def test_funding_is_scaled_to_eight_hours() -> None:
+    from stages.feature import update_marks
+
+    st = FeatureState(n_symbols=3, window=4)
+    marks = np.zeros(3, schema.MARK)
+    marks["symbol_id"] = [0, 1, 2]
+    marks["mark_px"] = 100.0
+    marks["funding_rate"] = [0.0001, 0.0000125, 0.0001]
+    marks["funding_interval_s"] = [8 * 3600, 3600, 0]  # Binance, Hyperliquid, unknown
+    update_marks(marks, st)
+    got = [
+        float(
+            features(make_book([(99.0, 1.0)], [(101.0, 1.0)], symbol_id=s), st)[0]["values"][
+                schema.F_FUNDING_BPS
+            ]
+        )
+        for s in range(3)
+    ]
+    assert got == pytest.approx([1.0, 1.0, 1.0], rel=1e-12)
+
+
+def test_impact_and_depth_fits_recover_a_power_law_book() -> None:
+    """A book built so that cumulative notional grows as alpha * d^beta is fitted exactly."""
+    mid, alpha, beta = 1000.0, 50_000.0, 1.5
+    bids, asks = [], []
+    for side, sign in ((bids, -1), (asks, 1)):
+        cum = 0.0
+        for k in range(1, 21):
+            d_bps = 0.5 * k
+            px = mid * (1 + sign * d_bps / 1e4)
+            target = alpha * d_bps**beta
+            side.append((px, (target - cum) / px))
+            cum = target
+    v = features(make_book(bids, asks), FeatureState(n_symbols=1, window=4))[0]["values"]
+    assert v[schema.F_DEPTH_BETA] == pytest.approx(beta, rel=1e-9)
+    assert v[schema.F_DEPTH_LOG_ALPHA] == pytest.approx(math.log(alpha), rel=1e-9)
+    ref = RefFeatures(window=4)
+    vals, _ = ref.book(0, bids, asks, 0)
+    assert v[schema.F_IMPACT_BETA] == pytest.approx(vals["impact_beta"], rel=1e-9)
+    assert v[schema.F_IMPACT_LOG_A] == pytest.approx(vals["impact_log_a"], rel=1e-9)
+    # deeper books cost less to walk: impact grows with size, slower than linearly here
+    assert 0 < v[schema.F_IMPACT_BETA] < 1
+
+
+def test_fits_need_three_points() -> None:
+    v = features(make_book([(99.0, 1.0)], [(101.0, 1.0)]), FeatureState(n_symbols=1, window=4))
+    vals = v[0]["values"]
+    for k in (schema.F_IMPACT_LOG_A, schema.F_IMPACT_BETA, schema.F_DEPTH_LOG_ALPHA):
+        assert math.isnan(vals[k])
+
+
+def test_time_features_at_a_known_instant() -> None:
+    # 2024-08-08 18:00:00 UTC was a Thursday: 3/4 of the day, weekday 3
+    t = 1_723_140_000 * SEC
+    book = make_book([(99.0, 1.0)], [(101.0, 1.0)])
+    book["exch_ns"] = t
+    v = features(book, FeatureState(n_symbols=1, window=4))[0]["values"]
+    assert v[schema.F_TOD_SIN] == pytest.approx(-1.0, abs=1e-12)
+    assert v[schema.F_TOD_COS] == pytest.approx(0.0, abs=1e-12)
+    assert v[schema.F_DOW_SIN] == pytest.approx(math.sin(2 * math.pi * 3 / 7), rel=1e-12)
+    assert v[schema.F_DOW_COS] == pytest.approx(math.cos(2 * math.pi * 3 / 7), rel=1e-12)
+    book["exch_ns"] = 0  # no venue time: unknown, not midnight
+    v = features(book, FeatureState(n_symbols=1, window=4))[0]["values"]
+    assert np.isnan(v[[schema.F_TOD_SIN, schema.F_TOD_COS, schema.F_DOW_SIN]]).all()
