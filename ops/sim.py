@@ -645,6 +645,54 @@ async def _feed(
     return {"elapsed_s": elapsed, "updates_per_symbol": done, "skipped_updates": skipped}
 
 
+def write_recording(
+    path: str,
+    *,
+    coins: list[str],
+    rate_per_s: float,
+    trade_rate_per_s: float,
+    seconds: float,
+    seed: int,
+    start_ns: int,
+) -> dict[str, int]:
+    """Write what a subscriber to every coin would receive, without a socket, as a recording.
+
+    Lines are ``<receive ns> <json>`` like ``hft record`` writes them (received at the frame's
+    own time), so ``hft replay`` and ``hft export-features`` read them; a training set that
+    comes out the same for a given seed.
+    """
+    import gzip
+
+    sims = [
+        SymbolSim(
+            spec=spec_for(c), rate_per_s=rate_per_s, trade_rate_per_s=trade_rate_per_s, seed=seed
+        )
+        for c in coins
+    ]
+    n_updates = int(seconds * rate_per_s)
+    ns_per_update = 1e9 / rate_per_s
+    next_ctx_ns = start_ns
+    counts = {"books": 0, "trades": 0, "contexts": 0}
+    with gzip.open(path, "wt", compresslevel=5) as f:
+        for k in range(n_updates):
+            t_ns = start_ns + int(k * ns_per_update)
+            time_ms = t_ns // 1_000_000
+            recv = time_ms * 1_000_000 + 150_000  # 150 us after the venue stamped it
+            if t_ns >= next_ctx_ns:  # the venue sends asset contexts about once a second
+                next_ctx_ns += 1_000_000_000
+                for sim in sims:
+                    f.write(f"{recv} {sim.ctx_json()}\n")
+                    counts["contexts"] += 1
+            for sim in sims:
+                trades = sim.step(time_ms)
+                if trades is not None:
+                    f.write(f"{recv} {trades}\n")
+                    counts["trades"] += 1
+                f.write(f"{recv} {sim.book_json(time_ms)}\n")
+                counts["books"] += 1
+    return counts
+
+
 def _write_ready_file(path: str, port: int) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -751,6 +799,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--exit-with-parent", action="store_true", help="stop when the starting process is gone"
     )
+    p.add_argument(
+        "--record",
+        default=None,
+        metavar="PATH",
+        help="serve nothing: write --seconds of the feed to this recording (.jsonl.gz) and exit",
+    )
+    p.add_argument("--seconds", type=float, default=600.0, help="length of a --record file")
+    p.add_argument(
+        "--start",
+        default="2026-01-05T14:30:00+00:00",
+        help="venue time of a --record file's first frame (ISO 8601)",
+    )
     args = p.parse_args(argv)
     if args.rate <= 0 or args.trade_rate < 0 or args.burst_ms <= 0:
         p.error("--rate and --burst-ms must be > 0, --trade-rate >= 0")
@@ -762,6 +822,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the simulator until SIGTERM/SIGINT or ``--duration``; return the exit status."""
     args = _parse_args(argv)
+    if args.record:
+        from datetime import datetime
+
+        try:
+            start_ns = int(datetime.fromisoformat(args.start).timestamp() * 1e9)
+        except ValueError:
+            print(f"ops.sim: --start must be an ISO 8601 time, got {args.start!r}", file=sys.stderr)
+            return 2
+        if args.seconds <= 0:
+            print(f"ops.sim: --seconds must be > 0, got {args.seconds}", file=sys.stderr)
+            return 2
+        coins = list(dict.fromkeys(c.strip() for c in args.symbols.split(",") if c.strip()))
+        counts = write_recording(
+            args.record,
+            coins=coins,
+            rate_per_s=args.rate,
+            trade_rate_per_s=args.trade_rate,
+            seconds=args.seconds,
+            seed=args.seed,
+            start_ns=start_ns,
+        )
+        log("recorded", path=args.record, seconds=args.seconds, **counts)
+        return 0
     ws_logger = logging.getLogger("websockets")
     ws_logger.addHandler(_JsonLogHandler(level=logging.WARNING))
     ws_logger.propagate = False

@@ -79,6 +79,9 @@ def _decimal_tick(prices: list[str]) -> float:
     return g / 10**scale if g else 10.0**-scale
 
 
+_PROBE_LINES = 2000
+
+
 def infer_instruments(path: str | Path, venue: str) -> dict[int, Instrument]:
     """Symbols of a recording with a tick inferred from its prices (offline replay).
 
@@ -87,14 +90,20 @@ def infer_instruments(path: str | Path, venue: str) -> dict[int, Instrument]:
     needs a grid every price sits on.
     """
     found: dict[str, list[str]] = {}
-    for ts, raw in read_recording(path):
+    last_new = 0
+    for i, (ts, raw) in enumerate(read_recording(path)):
         if ts < 0:
             continue
+        n = len(found)
         try:
             _collect_prices(orjson.loads(raw), venue, found)
         except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
             continue  # a malformed line: the replay itself counts it
-        if found and all(found.values()):
+        if len(found) > n:
+            last_new = i
+        # a recording of several symbols interleaves them: stop only once no new one has
+        # shown up for a while and every one has its first book
+        if found and all(found.values()) and i - last_new > _PROBE_LINES:
             break
     if not found:
         raise RecordingError(f"{path}: no {venue} symbols found")
