@@ -34,6 +34,8 @@ REGISTRY: Final[list[tuple[str, str]]] = [
     ("ring", "benchmarks.ring"),
     ("pipeline", "benchmarks.pipeline"),
     ("market_data", "benchmarks.market_data"),
+    ("features", "benchmarks.features"),
+    ("inference", "benchmarks.inference"),
 ]
 
 _COLUMNS: Final = (
