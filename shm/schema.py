@@ -365,11 +365,13 @@ C_RATE_LIMITED: Final = 31  # venue REST answers 429/418, and requests held back
 N_COUNTERS: Final = 32
 REJECT_COUNTERS_BASE: Final = 32  # one counter per REJECT_REASONS entry after the generic ones
 MODEL_COUNTERS_BASE: Final = REJECT_COUNTERS_BASE + 32
-# inference, per model (index in MODEL_NAMES): runs, deadline misses, failed runs
+# inference, per model (index in MODEL_NAMES): runs, deadline misses, failed runs, and ticks
+# whose inputs lay outside the model's training range (left out of the ensemble)
 MODEL_RUNS: Final = 0
 MODEL_TIMEOUTS: Final = 1
 MODEL_ERRORS: Final = 2
-N_MODEL_COUNTERS: Final = 3
+MODEL_OUT_OF_DOMAIN: Final = 3
+N_MODEL_COUNTERS: Final = 4
 N_INT_SLOTS: Final = MODEL_COUNTERS_BASE + N_MODEL_COUNTERS * 4
 
 # float gauges
@@ -423,7 +425,7 @@ _EXPECTED_SIZES: Final = {
     "SYMBOL": 104,
     "MARK": 80,
     "POSITION": 72,
-    "STAGE_STATS": 8736,
+    "STAGE_STATS": 8768,
 }
 for _name, _dt in ALL_DTYPES.items():
     assert _dt.itemsize == _EXPECTED_SIZES[_name], (_name, _dt.itemsize)

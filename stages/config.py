@@ -24,6 +24,7 @@ IDLE_NAMES: Final = ("spin", "yield", "backoff", "block")
 FEED_SOURCES: Final = ("sim", "hyperliquid", "binance")
 MODES: Final = ("paper", "live", "backtest")
 DEFAULT_CONFIG: Final = Path(__file__).resolve().parent.parent / "config" / "engine.toml"
+REPO_ROOT: Final = DEFAULT_CONFIG.parent.parent  # relative paths in the config resolve against it
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,44 @@ class SignalConfig:
 
     def __post_init__(self) -> None:
         _check_numbers("signal", self, allow_zero=("obi_weight", "depth_weight", "micro_weight"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InferenceConfig:
+    """The ONNX ensemble: where its models live, their weights, how often files are checked.
+
+    The deadline is ``engine.inference_timeout_ms`` and the models' subdirectory is
+    ``engine.asset_class``: ``<models_dir>/<asset_class>/<model>.onnx``. A weight of 0 leaves
+    that model out (never loaded, never run); with no model loaded every tick uses ``[signal]``.
+    """
+
+    models_dir: str = "models"  # relative to the repository root unless absolute
+    edge_weight: float = 1.0
+    gbdt_weight: float = 1.0
+    idec_weight: float = 1.0
+    transformer_weight: float = 1.0
+    reload_check_ms: float = 1000.0  # how often the stage stats the model files for changes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.models_dir, str) or not self.models_dir.strip():
+            raise ConfigError(
+                f"inference.models_dir must be a directory path, got {self.models_dir!r}"
+            )
+        _check_numbers(
+            "inference",
+            self,
+            allow_zero=("edge_weight", "gbdt_weight", "idec_weight", "transformer_weight"),
+        )
+
+    def weight(self, model: str) -> float:
+        """The ensemble weight of ``model`` (one of ``shm.schema.MODEL_NAMES``)."""
+        w: float = getattr(self, f"{model}_weight")
+        return w
+
+    def class_dir(self, asset_class: str) -> Path:
+        """The directory of one asset class's models, ``models_dir`` resolved against the repo."""
+        base = Path(self.models_dir).expanduser()
+        return (base if base.is_absolute() else REPO_ROOT / base) / asset_class
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,6 +341,7 @@ class Config:
     risk: RiskConfig = field(default_factory=RiskConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
@@ -316,6 +356,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "risk": RiskConfig,
     "route": RouteConfig,
     "signal": SignalConfig,
+    "inference": InferenceConfig,
     "cpu": CpuConfig,
     "idle": IdleConfig,
     "feed": FeedConfig,

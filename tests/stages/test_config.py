@@ -56,6 +56,16 @@ def test_config_is_frozen():
         ("[risk]\nmax_notional_per_symbol = 9e9\n", r"must not exceed risk\.max_total_notional"),
         ("[ops]\nmetrics_port = true\n", r"ops\.metrics_port must be an integer"),
         ("gate = 3\n", r"\[gate\] must be a table"),
+        ("[inference]\nedge_weight = -1\n", r"inference\.edge_weight must be >= 0"),
+        (
+            "[inference]\ntransformer_weight = nan\n",
+            r"inference\.transformer_weight must be a finite",
+        ),
+        ('[inference]\ngbdt_weight = "high"\n', r"inference\.gbdt_weight must be a number"),
+        ("[inference]\nreload_check_ms = 0\n", r"inference\.reload_check_ms must be > 0"),
+        ('[inference]\nmodels_dir = ""\n', r"inference\.models_dir must be a directory path"),
+        ("[inference]\nmodels_dir = 3\n", r"inference\.models_dir must be a string"),
+        ("[inference]\nidec = 1\n", r"unknown key inference\.idec"),
         ("[gate\n", r"not valid TOML"),
     ],
 )
@@ -109,3 +119,27 @@ def test_variant_text_sets_keys_per_section_and_keeps_the_rest(tmp_path: Path):
     assert cfg.cpu.feature == (1,) and cfg.idle.feature == ""  # same key, other section: untouched
     assert cfg.gate == config.load().gate
     assert "# Units are in the names" in text
+
+
+def test_inference_section_defaults_and_model_directory(tmp_path: Path):
+    inf = config.load().inference
+    assert (inf.edge_weight, inf.gbdt_weight, inf.idec_weight, inf.transformer_weight) == (
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    )
+    assert inf.reload_check_ms == 1000 and inf.models_dir == "models"
+    assert inf == config.InferenceConfig()
+    root = config.DEFAULT_CONFIG.parent.parent
+    assert inf.class_dir("crypto") == root / "models" / "crypto"  # relative: the repo root
+    assert inf.weight("idec") == 1.0
+    p = tmp_path / "engine.toml"
+    p.write_text(
+        config.variant_text(
+            {"inference": {"models_dir": str(tmp_path), "gbdt_weight": 0, "idec_weight": 2}}
+        )
+    )
+    cfg = config.load(p)
+    assert cfg.inference.class_dir("equity") == tmp_path / "equity"  # absolute: as given
+    assert cfg.inference.weight("gbdt") == 0.0 and cfg.inference.weight("idec") == 2.0
