@@ -59,7 +59,7 @@ logger = logging.getLogger("ops.exporter")
 
 STAGE_UP_HEARTBEAT_NS: Final = 2_000_000_000
 DEFAULT_RATE_WINDOW_S: Final = 10.0
-MODEL_LABEL: Final = "fallback"  # until the ONNX ensemble reports per-model histograms
+FALLBACK_LABEL: Final = "fallback"  # hft_model_duration_us of the rule-based fallback
 
 # 1-2-5 decade points, 0.5 us .. 1 s; each is replaced by the nearest bucket boundary of ours
 _NOMINAL_BOUNDS_US: Final = (
@@ -319,14 +319,7 @@ class ShmCollector(Collector):
                 hist("feature", schema.H_DURATION),
             )
         )
-        fams.append(
-            _histogram(
-                "hft_model_duration_us",
-                "Inference work per record, us, by model.",
-                hist("inference", schema.H_DURATION),
-                labels=(("model", MODEL_LABEL),),
-            )
-        )
+        fams += _model_families(ints("inference"), blocks[schema.ROLE_INDEX["inference"]]["hist"])
         fams.append(
             _histogram(
                 "hft_route_duration_us",
@@ -354,13 +347,6 @@ class ShmCollector(Collector):
                 "hft_dropped_frames_total",
                 "Records lost to lossy ring overruns.",
                 schema.C_DROPPED,
-            )
-        )
-        fams.append(
-            CounterMetricFamily(
-                "hft_model_timeouts_total",
-                "Model evaluations that missed the per-tick deadline.",
-                value=int(ints("inference")[schema.C_MODEL_TIMEOUTS]),
             )
         )
         rejects = CounterMetricFamily(
@@ -508,6 +494,54 @@ class ShmCollector(Collector):
             )
         )
         return fams
+
+
+def _model_families(ints: np.ndarray, hists: np.ndarray) -> list[Metric]:
+    """The inference stage's per-model series, from its per-model counters and histograms.
+
+    ``hft_model_duration_us``: one series per model that has run (a whole ``session.run``, for
+    a batch), plus ``model="fallback"``, the stage's work per record, while the fallback has
+    produced signals or no model has run yet (with models answering, that histogram is the
+    ensemble's work and is not labelled as the fallback's). Timeouts, runs and errors: one
+    series per model in ``MODEL_NAMES`` always; the timeouts add up to ``C_MODEL_TIMEOUTS``.
+    Out of domain: one series per model always, the ticks left out of the ensemble because an
+    input lay outside the model's training range (``MODEL_OUT_OF_DOMAIN``).
+    """
+    duration = HistogramMetricFamily(
+        "hft_model_duration_us",
+        "Model run time, us, by model (fallback: the stage's work per record when it falls back).",
+        labels=["model"],
+    )
+    timeouts = CounterMetricFamily(
+        "hft_model_timeouts_total",
+        "Ticks a model missed the per-tick deadline on (skipped, or its late output discarded).",
+        labels=["model"],
+    )
+    runs = CounterMetricFamily("hft_model_runs_total", "Model runs, by model.", labels=["model"])
+    errors = CounterMetricFamily(
+        "hft_model_errors_total", "Model runs that raised, by model.", labels=["model"]
+    )
+    out_of_domain = CounterMetricFamily(
+        "hft_model_out_of_domain_total",
+        "Ticks a model was left out on: an input outside its training range (mean +- clip std).",
+        labels=["model"],
+    )
+    any_runs = False
+    for i, name in enumerate(schema.MODEL_NAMES):
+        base = schema.MODEL_COUNTERS_BASE + i * schema.N_MODEL_COUNTERS
+        n_runs = int(ints[base + schema.MODEL_RUNS])
+        runs.add_metric([name], n_runs)
+        timeouts.add_metric([name], int(ints[base + schema.MODEL_TIMEOUTS]))
+        errors.add_metric([name], int(ints[base + schema.MODEL_ERRORS]))
+        out_of_domain.add_metric([name], int(ints[base + schema.MODEL_OUT_OF_DOMAIN]))
+        if n_runs:
+            any_runs = True
+            buckets, sum_us = histogram_buckets(hists[schema.H_MODEL_BASE + i])
+            duration.add_metric([name], buckets, sum_us)
+    if int(ints[schema.C_FALLBACKS]) or not any_runs:
+        buckets, sum_us = histogram_buckets(hists[schema.H_DURATION])
+        duration.add_metric([FALLBACK_LABEL], buckets, sum_us)
+    return [duration, timeouts, runs, errors, out_of_domain]
 
 
 def _engine_up(value: int) -> GaugeMetricFamily:

@@ -4,7 +4,10 @@ Why a separate CLI next to Prometheus: on a box without a metrics stack (a lapto
 server, an incident) an operator wants one command that says, per stage, whether it is alive,
 where it is pinned, how much CPU it burns, whether the scheduler preempts it (involuntary
 context switches: the latency killer when stages share cores), how full its input rings are,
-and its latency percentiles. Everything comes from shared memory (only read) and /proc.
+and its latency percentiles; and for the inference stage's models, their runs, ticks lost to
+the deadline, ticks left out as outside their training range (out of domain) and run-time P99,
+and how many signals came from the rule-based fallback.
+Everything comes from shared memory (only read) and /proc.
 
 Two readings ``interval`` apart give the rates (CPU %, records per second, context switches
 per second); the latency percentiles are over each histogram since the stage started (the
@@ -180,6 +183,7 @@ def summarize(prev: Reading, cur: Reading, *, namespace: str) -> dict[str, Any]:
         }
     risk_idx = schema.ROLE_INDEX["risk"]
     risk = cur.blocks[risk_idx]["ints"]
+    inference = cur.blocks[schema.ROLE_INDEX["inference"]]
     gauges = cur.blocks[risk_idx]["gauges"]
     e2e = LatencySummary.of(cur.blocks[risk_idx]["hist"][schema.H_E2E])
     return {
@@ -224,6 +228,47 @@ def summarize(prev: Reading, cur: Reading, *, namespace: str) -> dict[str, Any]:
             "unrealized": float(gauges[schema.G_UNREALIZED]),
             "fees": float(gauges[schema.G_FEES]),
         },
+        "models": models_report(inference["ints"], inference["hist"]),
+    }
+
+
+def models_report(ints: np.ndarray, hists: np.ndarray) -> dict[str, Any]:
+    """The inference stage's models since it started: per model that has run or timed out
+    (shared memory does not say which are loaded; one that never ran is not listed), its runs,
+    ticks lost to the deadline, ticks it was out of domain on, failed runs and run-time P99; and
+    the share of signals that came from the rule-based fallback.
+
+    ``out_of_domain_share`` is the model's out-of-domain ticks over the stage's ticks less those
+    the model timed out on (None when that is 0). Shared memory has no count of the ticks each
+    model saw, so this assumes the model was loaded all along: one loaded after the stage
+    started, removed, or whose runs raised reads low."""
+    by_model: dict[str, Any] = {}
+    signals, fallbacks = int(ints[schema.C_SIGNALS]), int(ints[schema.C_FALLBACKS])
+    for i, name in enumerate(schema.MODEL_NAMES):
+        base = schema.MODEL_COUNTERS_BASE + i * schema.N_MODEL_COUNTERS
+        runs, timeouts = (
+            int(ints[base + schema.MODEL_RUNS]),
+            int(ints[base + schema.MODEL_TIMEOUTS]),
+        )
+        if not runs and not timeouts:
+            continue
+        ood = int(ints[base + schema.MODEL_OUT_OF_DOMAIN])
+        seen = signals - timeouts  # the ticks the model answered or was out of domain on
+        lat = LatencySummary.of(hists[schema.H_MODEL_BASE + i])
+        by_model[name] = {
+            "runs": runs,
+            "timeouts": timeouts,
+            "out_of_domain": ood,
+            # at most 1: read while the stage writes, C_SIGNALS can lag a batch behind
+            "out_of_domain_share": min(ood / seen, 1.0) if seen > 0 else None,
+            "errors": int(ints[base + schema.MODEL_ERRORS]),
+            "p99_us": _nan_to_none(lat.p99_us),
+        }
+    return {
+        "by_model": by_model,
+        "signals": signals,
+        "fallbacks": fallbacks,
+        "fallback_share": fallbacks / signals if signals else None,
     }
 
 
@@ -232,6 +277,10 @@ def _num(x: float | int | None, fmt: str = ",.1f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return format(x, fmt)
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _cpus(cpus: list[int] | None) -> str:
@@ -317,8 +366,21 @@ def render_table(report: dict[str, Any]) -> str:
         "feed   " + "   ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in report["feed"].items()),
         f"PnL (quote)   realised {_num(pnl['realized'], ',.2f')}   "
         f"unrealised {_num(pnl['unrealized'], ',.2f')}   fees {_num(pnl['fees'], ',.2f')}",
+        _models_line(report["models"]),
     ]
     return "\n".join(out) + "\n"
+
+
+def _models_line(models: dict[str, Any]) -> str:
+    parts = [
+        f"{name} runs {m['runs']:,} timeouts {m['timeouts']:,} "
+        f"out-of-domain {m['out_of_domain']:,} ({_pct(m['out_of_domain_share'])}) "
+        f"p99 {_num(m['p99_us'])} us" + (f" errors {m['errors']:,}" if m["errors"] else "")
+        for name, m in models["by_model"].items()
+    ]
+    share = models["fallback_share"]
+    fallback = "fallback -" if share is None else f"fallback {100 * share:.1f}% of signals"
+    return "models   " + "   ".join([*(parts or ["none ran"]), fallback])
 
 
 # ---------------------------------------------------------------- CLI

@@ -19,8 +19,9 @@ current tick last, zeros before the symbol has that many. That history is kept p
 per model and is updated for every record (tradeable or not, and whether or not the model then
 runs, so a model skipped for a tick still sees an unbroken history on the next).
 
-Ensemble, over the models ``m`` that produced an output for the batch, with ``w_m`` the
-``[inference]`` weight and ``p_m`` the model's ``p_up`` clipped to [0, 1]:
+Ensemble, per row (tick), over the models ``m`` that answered that row (ran within the
+deadline, with the row inside their training range, see "Out of domain" below), with ``w_m``
+the ``[inference]`` weight and ``p_m`` the model's ``p_up`` clipped to [0, 1]:
 
     p          = sum(w_m p_m) / sum(w_m)
     edge_bps   = sum(w_m (2 p_m - 1) move_bps_m) / sum(w_m)
@@ -909,6 +910,7 @@ class ModelSet:
                 ints[s.ood_slot] += n_ood
             answered += 1
         if not answered:
+            self.row_ok[:n] = 0
             return 0
         return _finish(fv, n, acc_p, acc_edge, acc_w, self.row_ok, out)
 

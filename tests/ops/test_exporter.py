@@ -90,7 +90,8 @@ def test_seed_metrics_have_their_names_types_and_values(engine: Engine) -> None:
     risk.add(schema.C_ORDERS, 10)
     feature.add(schema.C_DROPPED, 42)
     risk.add(schema.C_DROPPED, 3)
-    inference.add(schema.C_MODEL_TIMEOUTS, 9)
+    inference.add(schema.C_MODEL_TIMEOUTS, 9)  # the stage adds each model's timeouts to both
+    inference.add(schema.MODEL_COUNTERS_BASE + schema.MODEL_TIMEOUTS, 9)  # edge
     for reason in ("stale_book", "stale_book", "daily_loss"):
         risk.reject(schema.REJECT_CODE[reason])
 
@@ -145,7 +146,7 @@ def test_seed_metrics_have_their_names_types_and_values(engine: Engine) -> None:
     assert sample(fams, "hft_dropped_frames", dropped, stage="feature") == 42
     assert sample(fams, "hft_dropped_frames", dropped, stage="risk") == 3
     assert sample(fams, "hft_dropped_frames", dropped, stage="ingest") == 0
-    assert sample(fams, "hft_model_timeouts", "hft_model_timeouts_total") == 9
+    assert sample(fams, "hft_model_timeouts", "hft_model_timeouts_total", model="edge") == 9
 
     rejects = {
         s.labels["reason"]: s.value
@@ -220,6 +221,61 @@ def test_engine_level_metrics(engine: Engine, port: int) -> None:
     assert sample(fams, "hft_pnl_realized", "hft_pnl_realized") == 12.5
     assert sample(fams, "hft_pnl_unrealized", "hft_pnl_unrealized") == -3.25
     assert sample(fams, "hft_fees", "hft_fees_total") == 0.75
+
+
+def _model_samples(fams: dict[str, object], family: str, name: str) -> dict[str, float]:
+    return {
+        s.labels["model"]: s.value
+        for s in fams[family].samples  # type: ignore[attr-defined]
+        if s.name == name
+    }
+
+
+def test_model_metrics_per_model_and_the_fallback(engine: Engine, port: int) -> None:
+    inference = engine.stage_stats("inference")
+    fams = scrape(port)  # a fresh engine: no model has run, the fallback series is there
+    assert _model_samples(fams, "hft_model_duration_us", "hft_model_duration_us_count") == {
+        "fallback": 0
+    }
+    assert _model_samples(fams, "hft_model_timeouts", "hft_model_timeouts_total") == dict.fromkeys(
+        schema.MODEL_NAMES, 0
+    )
+    ood_fresh = _model_samples(fams, "hft_model_out_of_domain", "hft_model_out_of_domain_total")
+    assert ood_fresh == dict.fromkeys(schema.MODEL_NAMES, 0)
+
+    def model_add(name: str, which: int, n: int) -> None:
+        i = schema.MODEL_NAMES.index(name)
+        inference.add(schema.MODEL_COUNTERS_BASE + i * schema.N_MODEL_COUNTERS + which, n)
+
+    inference.record_ns(schema.H_MODEL_BASE + 0, 20_000, 30)  # edge: 30 runs of 20 us
+    model_add("edge", schema.MODEL_RUNS, 30)
+    inference.record_ns(schema.H_MODEL_BASE + 2, 4_000_000, 2)  # idec: 2 runs of 4 ms
+    model_add("idec", schema.MODEL_RUNS, 2)
+    model_add("idec", schema.MODEL_TIMEOUTS, 7)
+    model_add("transformer", schema.MODEL_TIMEOUTS, 5)  # always skipped: no run
+    model_add("edge", schema.MODEL_ERRORS, 1)
+    model_add("edge", schema.MODEL_OUT_OF_DOMAIN, 11)
+    model_add("idec", schema.MODEL_OUT_OF_DOMAIN, 3)
+    inference.add(schema.C_MODEL_TIMEOUTS, 12)
+    inference.record_ns(schema.H_DURATION, 30_000, 40)
+    fams = scrape(port)
+    counts = _model_samples(fams, "hft_model_duration_us", "hft_model_duration_us_count")
+    assert counts == {"edge": 30, "idec": 2}  # models answered and never fell back
+    assert buckets(fams, "hft_model_duration_us")  # the parser merges the labels' buckets
+    timeouts = _model_samples(fams, "hft_model_timeouts", "hft_model_timeouts_total")
+    assert timeouts == {"edge": 0, "gbdt": 0, "idec": 7, "transformer": 5}
+    assert sum(timeouts.values()) == inference.ints[schema.C_MODEL_TIMEOUTS]
+    runs = _model_samples(fams, "hft_model_runs", "hft_model_runs_total")
+    assert runs == {"edge": 30, "gbdt": 0, "idec": 2, "transformer": 0}
+    errors = _model_samples(fams, "hft_model_errors", "hft_model_errors_total")
+    assert errors == {"edge": 1, "gbdt": 0, "idec": 0, "transformer": 0}
+    ood = _model_samples(fams, "hft_model_out_of_domain", "hft_model_out_of_domain_total")
+    assert ood == {"edge": 11, "gbdt": 0, "idec": 3, "transformer": 0}
+    assert fams["hft_model_out_of_domain"].type == "counter"  # type: ignore[attr-defined]
+
+    inference.add(schema.C_FALLBACKS, 3)  # some batches fell back: the stage's series returns
+    counts = _model_samples(scrape(port), "hft_model_duration_us", "hft_model_duration_us_count")
+    assert counts == {"edge": 30, "idec": 2, "fallback": 40}
 
 
 # ---------------------------------------------------------------- no engine, restarts

@@ -157,6 +157,45 @@ def test_once_prints_an_aligned_table(
     assert "tick-to-order us" in out and "PnL" in out
 
 
+def test_models_report_out_of_domain_per_model_in_json_and_table(
+    engine: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inference = engine.stage_stats("inference")
+
+    def model_add(name: str, which: int, n: int) -> None:
+        i = schema.MODEL_NAMES.index(name)
+        inference.add(schema.MODEL_COUNTERS_BASE + i * schema.N_MODEL_COUNTERS + which, n)
+
+    inference.add(schema.C_SIGNALS, 1_000)
+    inference.add(schema.C_FALLBACKS, 30)
+    inference.record_ns(schema.H_MODEL_BASE + 0, 20_000, 100)  # edge: 100 runs of 20 us
+    model_add("edge", schema.MODEL_RUNS, 100)
+    model_add("edge", schema.MODEL_OUT_OF_DOMAIN, 25)  # of 1,000 ticks
+    inference.record_ns(schema.H_MODEL_BASE + 3, 900_000, 60)  # transformer: 60 runs of 900 us
+    model_add("transformer", schema.MODEL_RUNS, 60)
+    model_add("transformer", schema.MODEL_TIMEOUTS, 200)
+    model_add("transformer", schema.MODEL_OUT_OF_DOMAIN, 80)  # of the 800 ticks not timed out
+    model_add("idec", schema.MODEL_TIMEOUTS, 1_000)  # never ran in time: no share
+    monkeypatch.setattr(monitor, "_sleep", lambda s: None)
+
+    doc = _run_json(engine.namespace, capsys)
+    by_model = doc["models"]["by_model"]
+    assert list(by_model) == ["edge", "idec", "transformer"]  # gbdt never ran: not listed
+    edge, idec, tr = by_model["edge"], by_model["idec"], by_model["transformer"]
+    assert (edge["out_of_domain"], edge["out_of_domain_share"]) == (25, pytest.approx(0.025))
+    assert (tr["out_of_domain"], tr["out_of_domain_share"]) == (80, pytest.approx(0.1))
+    assert (idec["out_of_domain"], idec["out_of_domain_share"]) == (0, None)
+    assert (edge["runs"], tr["runs"], tr["timeouts"], idec["timeouts"]) == (100, 60, 200, 1_000)
+    assert doc["models"]["fallback_share"] == pytest.approx(0.03)
+
+    assert monitor.main(["--namespace", engine.namespace, "--once"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("models "))
+    assert "edge runs 100 timeouts 0 out-of-domain 25 (2.5%) p99 " in line
+    assert "idec runs 0 timeouts 1,000 out-of-domain 0 (-) p99 - us" in line
+    assert "transformer runs 60 timeouts 200 out-of-domain 80 (10.0%) p99 " in line
+    assert line.endswith("fallback 3.0% of signals")
+
+
 def test_interactive_mode_refreshes_until_ctrl_c(
     engine: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
