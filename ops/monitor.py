@@ -250,9 +250,9 @@ def models_report(ints: np.ndarray, hists: np.ndarray) -> dict[str, Any]:
             int(ints[base + schema.MODEL_RUNS]),
             int(ints[base + schema.MODEL_TIMEOUTS]),
         )
-        if not runs and not timeouts:
-            continue
         ood = int(ints[base + schema.MODEL_OUT_OF_DOMAIN])
+        if not runs and not timeouts and not ood:  # not loaded
+            continue
         seen = signals - timeouts  # the ticks the model answered or was out of domain on
         lat = LatencySummary.of(hists[schema.H_MODEL_BASE + i])
         by_model[name] = {

@@ -43,7 +43,8 @@ N = ``feature_window_size``; "the window" is the symbol's last N updates of that
 
 Windowed sums are running sums, O(1) per update, re-summed exactly every N updates so float
 drift stays bounded. A book with an empty side gives NaN everywhere and leaves the state as it
-was. Time is the records' own (``recv_ns`` for bars and decay, ``exch_ns`` for time of day):
+was, and so does a book whose mid is not a positive price; level counts past the record's
+depth are cut to it. Time is the records' own (``recv_ns`` for bars and decay, ``exch_ns`` for time of day):
 the kernel reads no clock, so ``hft export-features`` over a recording gives the numbers the
 live stage would have given.
 
@@ -271,11 +272,11 @@ def _book_fits(bk: np.void, mid: float, xs: np.ndarray, ys: np.ndarray, v: np.nd
         if side == 0:
             px = bk["bid_px"]
             sz = bk["bid_sz"]
-            n = bk["n_bid"]
+            n = min(bk["n_bid"], px.shape[0])  # a count past the record's depth is not trusted
         else:
             px = bk["ask_px"]
             sz = bk["ask_sz"]
-            n = bk["n_ask"]
+            n = min(bk["n_ask"], px.shape[0])
         q = 0.0
         s_sum = 0.0
         for k in range(n):
@@ -298,11 +299,11 @@ def _book_fits(bk: np.void, mid: float, xs: np.ndarray, ys: np.ndarray, v: np.nd
         if side == 0:
             px = bk["bid_px"]
             sz = bk["bid_sz"]
-            n = bk["n_bid"]
+            n = min(bk["n_bid"], px.shape[0])  # a count past the record's depth is not trusted
         else:
             px = bk["ask_px"]
             sz = bk["ask_sz"]
-            n = bk["n_ask"]
+            n = min(bk["n_ask"], px.shape[0])
         q = 0.0
         for k in range(n):
             p = px[k]
@@ -382,12 +383,12 @@ def _compute(
         o["best_ask"] = a
         o["bid_sz"] = bq
         o["ask_sz"] = aq
-        if bk["n_bid"] == 0 or bk["n_ask"] == 0 or s >= n_sym:
+        mid = (b + a) * 0.5
+        if bk["n_bid"] == 0 or bk["n_ask"] == 0 or s >= n_sym or not mid > 0.0:
             o["mid"] = nan
             for k in range(N_FEATURES):
                 v[k] = nan
             continue
-        mid = (b + a) * 0.5
         o["mid"] = mid
         top = bq + aq
         micro = (b * aq + a * bq) / top if top > 0 else nan
@@ -397,8 +398,9 @@ def _compute(
         v[F_OBI] = (bq - aq) / top if top > 0 else nan
         db = 0.0
         da = 0.0
-        for j in range(DEPTH_LEVELS):
+        for j in range(min(bk["n_bid"], DEPTH_LEVELS)):
             db += bk["bid_sz"][j]
+        for j in range(min(bk["n_ask"], DEPTH_LEVELS)):
             da += bk["ask_sz"][j]
         v[F_DEPTH_IMB] = (db - da) / (db + da) if db + da > 0 else nan
 
@@ -574,22 +576,49 @@ class FeatureAgent:
         nm = self._mk.read_into(self._marks)
         if nm:
             update_marks(self._marks[:nm], self.state)
-        nt = self._tr.read_into(self._trades)
-        if nt:
-            update_trades(self._trades[:nt], self.state)
-            self._stats.ints[schema.C_TRADES] += nt
+        # books first: every trade published before the last of these books is in its ring
+        # by now, so one read of each gives a prefix of ingest's publish order
         n = self._md.read_into(self._books)
+        nt = self._tr.read_into(self._trades)
         if n:
             t0 = time.monotonic_ns()
             fv = self._fv[:n]
-            compute_features(self._books[:n], self.state, fv)
+            if nt:
+                self._interleave(n, nt, fv)
+            else:
+                compute_features(self._books[:n], self.state, fv)
             t1 = time.monotonic_ns()
             fv["feature_ns"] = t1
             self._out.offer_array(fv)
             self._stats.record_batch(n, t0, t1, self._books["recv_ns"][:n].tolist())
+        elif nt:
+            update_trades(self._trades[:nt], self.state)
+        if nt:
+            self._stats.ints[schema.C_TRADES] += nt
         if nt or n:
             self._stats.ints[schema.C_DROPPED] = self._md.dropped + self._tr.dropped
         return n + nt + nm
+
+    def _interleave(self, n: int, nt: int, fv: np.ndarray) -> None:
+        """Fold each trade in before the first book ingest published after it.
+
+        The order ``hft export-features`` replays in, so a live vector equals the exported
+        one: folding a poll's trades in before all of its books would give a book the trades
+        that came after it (trade intensity and VWAP).
+        """
+        books, trades, st = self._books, self._trades, self.state
+        cut = np.searchsorted(trades["ingest_ns"][:nt], books["ingest_ns"][:n], side="left")
+        start = done = 0
+        for i in range(n):
+            c = int(cut[i])
+            if c > done:
+                if i > start:
+                    compute_features(books[start:i], st, fv[start:i])
+                update_trades(trades[done:c], st)
+                done, start = c, i
+        compute_features(books[start:n], st, fv[start:n])
+        if nt > done:
+            update_trades(trades[done:nt], st)
 
     def on_close(self) -> None:
         pass

@@ -459,7 +459,9 @@ def test_hft_cli_routes_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_time_of_day_is_kept_once_the_data_covers_a_day(tmp_path: Path) -> None:
-    src = make_export(tmp_path / "long.parquet", rows=3000, step_ns=60 * 10**9)  # 50 h, 35 of them training
+    src = make_export(
+        tmp_path / "long.parquet", rows=3000, step_ns=60 * 10**9
+    )  # 50 h, 35 of them training
     out = tmp_path / "m"
     rc = train.main([str(src), "--asset-class", "equity", "--out", str(out), "--models", "edge"])
     assert rc == 0

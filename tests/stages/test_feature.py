@@ -596,3 +596,92 @@ def test_time_features_at_a_known_instant() -> None:
     book["exch_ns"] = 0  # no venue time: unknown, not midnight
     v = features(book, FeatureState(n_symbols=1, window=4))[0]["values"]
     assert np.isnan(v[[schema.F_TOD_SIN, schema.F_TOD_COS, schema.F_DOW_SIN]]).all()
+
+
+def test_a_book_without_a_positive_mid_is_a_nan_row_not_a_crash() -> None:
+    st = FeatureState(n_symbols=1, window=4)
+    good = make_book([(99.0, 1.0)], [(101.0, 1.0)], recv_ns=1)
+    zero = make_book([(0.0, 1.0)], [(0.0, 1.0)], recv_ns=2)
+    negative = make_book([(-5.0, 1.0)], [(5.0, 1.0)], recv_ns=3)
+    out = features(np.concatenate([good, zero, negative]), st)
+    assert np.isnan(out[1]["values"][: schema.N_FEATURES]).all()
+    assert np.isnan(out[2]["values"][: schema.N_FEATURES]).all()
+    assert st.last_mid[0] == 100.0  # the state still holds the last good book
+
+
+@pytest.mark.parametrize("count", [21, 40, 65535])
+def test_level_counts_past_the_record_depth_are_cut_to_it(count: int) -> None:
+    bids = [(100.0 - i, 1.0 + i) for i in range(20)]
+    asks = [(101.0 + i, 2.0 + i) for i in range(20)]
+    honest = features(make_book(bids, asks), FeatureState(n_symbols=1, window=4))[0]
+    lying = make_book(bids, asks)
+    lying["n_bid"] = count
+    lying["n_ask"] = count
+    got = features(lying, FeatureState(n_symbols=1, window=4))[0]
+    assert got["values"].tobytes() == honest["values"].tobytes()
+
+
+def test_depth_imbalance_ignores_slots_past_the_level_count() -> None:
+    book = make_book([(100.0, 1.0)], [(101.0, 1.0)])
+    book["bid_sz"][0, 1:10] = 50.0  # leftovers of an earlier, deeper book
+    v = features(book, FeatureState(n_symbols=1, window=4))[0]["values"]
+    assert v[schema.F_DEPTH_IMB] == 0.0
+
+
+def test_agent_folds_each_trade_in_before_the_books_published_after_it() -> None:
+    """Live order equals the export's: a poll that holds books and trades applies them in
+    ingest's publish order, not all trades first."""
+    import uuid
+
+    from shm import segment
+    from stages import config
+    from stages.feature import FeatureAgent
+    from stages.wiring import Engine
+
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    eng = Engine.create(config.from_dict({"engine": {"namespace": ns}}))
+    try:
+        agent = FeatureAgent(
+            config.from_dict({"engine": {"namespace": ns, "feature_window_size": 8}}),
+            eng,
+            eng.stage_stats("feature"),
+        )
+        rng = np.random.default_rng(4)
+        books, trades, order = [], [], []
+        t = 10 * SEC
+        for k in range(12):
+            t += SEC // 10
+            if k % 3 == 2:
+                tr = make_trades([(0, t), (0, t + 1)])
+                tr["px"] = [100.0 + k, 99.0 - k]
+                tr["sz"] = [1.0 + k, 2.0]
+                tr["ingest_ns"] = t + 5
+                trades.append(tr)
+                order.append(("trades", tr))
+            else:
+                b = make_book(*random_levels(rng, 100.0, 5, 5), recv_ns=t)
+                b["ingest_ns"] = t + 5
+                books.append(b)
+                order.append(("book", b))
+        assert eng.writer("md_book").offer_array(np.concatenate(books))
+        assert eng.writer("md_trade").offer_array(np.concatenate(trades))
+        assert agent.do_work() == len(books) + 2 * len(trades)  # one poll holds them all
+        out = np.zeros(16, schema.FEATURES)
+        got = eng.reader("features", "inference").read_into(out)
+        assert got == len(books)
+        # the same records, one at a time in publish order
+        st = FeatureState(window=8)
+        want = []
+        for kind, arr in order:
+            if kind == "trades":
+                update_trades(arr, st)
+            else:
+                want.append(features(arr, st)[0]["values"].copy())
+        assert np.array_equal(out["values"][:got], np.array(want), equal_nan=True)
+        # and folding the trades in first would have differed
+        st2 = FeatureState(window=8)
+        update_trades(np.concatenate(trades), st2)
+        first = features(np.concatenate(books), st2)["values"]
+        assert not np.array_equal(first, np.array(want), equal_nan=True)
+    finally:
+        segment.unlink_all(ns)

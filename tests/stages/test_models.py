@@ -736,7 +736,9 @@ def test_a_row_every_model_finds_out_of_domain_is_left_to_the_caller(tmp_path: P
     assert out2.tobytes() == np.zeros(3, schema.SIGNAL).tobytes()
     assert model_counter(st, "edge", schema.MODEL_OUT_OF_DOMAIN) == 5
     assert model_counter(st, "gbdt", schema.MODEL_OUT_OF_DOMAIN) == 4
-    assert model_counter(st, "edge", schema.MODEL_RUNS) == 2  # both ran: out of domain after
+    # a model out of domain on the whole batch is not even run
+    assert model_counter(st, "edge", schema.MODEL_RUNS) == 1
+    assert model_counter(st, "gbdt", schema.MODEL_RUNS) == 1
 
     # the next batch inside the range is answered whole: nothing of the skipped rows carries over
     fv3 = features(rng, 6, in_domain=True)
@@ -965,3 +967,16 @@ def test_reloaded_sequence_model_keeps_its_history_when_inputs_are_unchanged(
     assert np.array_equal(new.history, old.history)
     assert np.array_equal(new.history_count, old.history_count)
     assert new.history_count.sum() == 5
+
+
+def test_a_sidecar_whose_sha256_names_another_model_file_is_refused(tmp_path: Path) -> None:
+    import hashlib
+
+    blob = logistic_onnx(W_EDGE, B_EDGE)
+    right = sidecar("edge", model_sha256=hashlib.sha256(blob).hexdigest())
+    path = write_model(tmp_path, "edge", blob, right)
+    assert load_model(path).name == "edge"
+    other = logistic_onnx([0.0, 0.0, 0.0, 1.0], 0.5)  # a model trained with another scaler
+    write_model(tmp_path, "edge", other, None)  # the old sidecar stays beside it
+    with pytest.raises(ModelError, match="model_sha256 does not match edge.onnx"):
+        load_model(path)
