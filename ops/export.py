@@ -10,11 +10,26 @@ feature stage's own kernels (``compute_features``, ``update_trades``, ``update_m
 the order the adapter published them, so a row here is byte for byte the vector the live
 stage would have sent for that tick (with the same ``feature_window_size``).
 
+Time: ``ts_ns`` is the venue's event time (``exch_ns``), kept on one clock per (recording,
+symbol): a book the venue did not stamp (``exch_ns == 0``, e.g. a Binance stale re-publish)
+takes the previous book's event time, and only the books before the symbol's first stamped
+one use the receive time. Mixing the recorder's clock into the venue's would move labels by
+the clock offset (and, through the running maximum below, hold every later book at the
+receive clock's lead).
+
 Labels are forward mid returns: for horizon h, ``ret_bps_<h>ms = (mid(t + h) / mid(t) - 1)
-* 1e4`` where ``mid(t + h)`` is the mid of the symbol's first book at or after ``t + h`` by
-venue time; NaN when the recording ends first, when either book has no mid, or when the
-later book is stale or crossed (its mid is not a price anyone could trade). The table layout
-and its metadata are the contract in ``models/README.md``.
+* 1e4`` where ``mid(t + h)`` is the mid of the symbol's first book at or after ``t + h`` in
+the same recording (by ``ts_ns``, made non-decreasing by a running maximum so a venue clock
+that steps back cannot reorder ticks). NaN when the recording ends first, when either book
+has no mid, when the later book is stale or crossed (its mid is not a price anyone could
+trade), or when the later book is more than ``label_tolerance_ns(h) = max(h / 10, 1 s)``
+past ``t + h`` (a data gap would otherwise turn a 5 s label into a 10-minute one).
+
+Several recordings go into one file, each replayed from a fresh feature state; the
+``recording`` column (int16) is the index of a row's recording in this export (0-based, the
+order of the ``source`` list in the metadata), so a consumer can keep per-symbol histories
+(the transformer's sequences) from running across recordings. The table layout and its
+metadata are the contract in ``models/README.md``.
 """
 
 from __future__ import annotations
@@ -45,6 +60,8 @@ from stages.venues.replay import (
 
 DEFAULT_HORIZONS_MS = (1000, 5000, 30000)
 _CHUNK = 8192
+_SECOND_NS = 1_000_000_000
+MAX_RECORDINGS = np.iinfo(np.int16).max + 1  # the ``recording`` column is int16
 
 
 class FeatureSink:
@@ -77,10 +94,25 @@ class FeatureSink:
         return np.concatenate([*self._chunks, self._buf[: self._n]])
 
 
-def event_time_ns(fv: np.ndarray) -> np.ndarray:
-    """Venue event time where the venue gave one, else the receive time."""
-    exch = fv["exch_ns"].astype(np.int64)
-    return np.where(exch > 0, exch, fv["recv_ns"].astype(np.int64))
+def label_tolerance_ns(horizon_ns: int) -> int:
+    """How far past ``t + h`` the book a label is read from may be: ``max(h / 10, 1 s)``.
+
+    The trainer's embargo uses the same bound (a label may look this far past its horizon).
+    """
+    return max(int(horizon_ns) // 10, _SECOND_NS)
+
+
+def event_time_ns(exch_ns: np.ndarray, recv_ns: np.ndarray) -> np.ndarray:
+    """One symbol's event times (one recording, arrival order) on the venue's clock.
+
+    A book with ``exch_ns == 0`` (not stamped by the venue) takes the previous book's event
+    time; books before the first stamped one use their receive time.
+    """
+    exch = np.asarray(exch_ns, dtype=np.int64)
+    recv = np.asarray(recv_ns, dtype=np.int64)
+    stamped = exch > 0
+    last = np.maximum.accumulate(np.where(stamped, np.arange(len(exch)), -1))
+    return np.where(last >= 0, exch[np.maximum(last, 0)], recv)
 
 
 def forward_returns(
@@ -93,10 +125,29 @@ def forward_returns(
     ok = j < len(ts)
     jj = j[ok]
     later_ok = (flags[jj] & schema.BOOK_UNTRADEABLE) == 0
+    # a gap in the data: the first book after t + h is too far past it to be "the mid at t + h"
+    later_ok &= ts[jj] <= ts[ok] + horizon_ns + label_tolerance_ns(horizon_ns)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (mid[jj] / mid[ok] - 1.0) * 1e4
     out[np.flatnonzero(ok)] = np.where(later_ok, r, np.nan)
     return out
+
+
+def time_and_labels(
+    fv: np.ndarray, horizons_ms: tuple[int, ...]
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """``ts_ns`` and the label per horizon of one recording's rows (``schema.FEATURES``)."""
+    sids = fv["symbol_id"].astype(np.int64)
+    ts = np.zeros(len(fv), np.int64)
+    labels = {h: np.full(len(fv), np.nan) for h in horizons_ms}
+    for sid in np.unique(sids):
+        idx = np.flatnonzero(sids == sid)
+        ts[idx] = event_time_ns(fv["exch_ns"][idx], fv["recv_ns"][idx])
+        for h in horizons_ms:
+            labels[h][idx] = forward_returns(
+                ts[idx], fv["mid"][idx], fv["flags"][idx], h * 1_000_000
+            )
+    return ts, labels
 
 
 def export(
@@ -111,7 +162,9 @@ def export(
     venues: list[str] = []
     symbols: list[str] = []
     n_trades = n_marks = 0
-    for path in paths:
+    if len(paths) > MAX_RECORDINGS:
+        raise RecordingError(f"{len(paths)} recordings: one export holds at most {MAX_RECORDINGS}")
+    for number, path in enumerate(paths):
         v = venue or detect_venue(path)
         instruments = infer_instruments(path, v)
         n_sym = max(instruments) + 1 if instruments else 1
@@ -125,18 +178,12 @@ def export(
         venues.append(v)
         names = {sid: ins.name for sid, ins in instruments.items()}
         symbols.extend(n for n in names.values() if n not in symbols)
-        ts = event_time_ns(fv)
+        ts, labels = time_and_labels(fv, horizons_ms)
         sids = fv["symbol_id"].astype(np.int64)
-        labels = {h: np.full(len(fv), np.nan) for h in horizons_ms}
-        for sid in np.unique(sids):
-            idx = np.flatnonzero(sids == sid)
-            for h in horizons_ms:
-                labels[h][idx] = forward_returns(
-                    ts[idx], fv["mid"][idx], fv["flags"][idx], h * 1_000_000
-                )
         part: dict[str, np.ndarray] = {
             "symbol": np.array([names.get(int(s), str(s)) for s in sids], dtype=object),
             "symbol_id": sids.astype(np.int32),
+            "recording": np.full(len(fv), number, np.int16),
             "ts_ns": ts,
             "recv_ns": fv["recv_ns"].astype(np.int64),
             "seq": fv["seq"].astype(np.uint64),

@@ -978,5 +978,5 @@ def test_a_sidecar_whose_sha256_names_another_model_file_is_refused(tmp_path: Pa
     assert load_model(path).name == "edge"
     other = logistic_onnx([0.0, 0.0, 0.0, 1.0], 0.5)  # a model trained with another scaler
     write_model(tmp_path, "edge", other, None)  # the old sidecar stays beside it
-    with pytest.raises(ModelError, match="model_sha256 does not match edge.onnx"):
+    with pytest.raises(ModelError, match=r"model_sha256 does not match edge\.onnx"):
         load_model(path)
