@@ -20,12 +20,28 @@ classifier of the sign of the label ``ret_bps_<h>ms``, fitted on rows whose retu
 Rows: only tradeable books (``flags & BOOK_UNTRADEABLE == 0``) with a finite label are used
 (the transformer's sequences still hold every book of the symbol, as the engine sees them).
 They are sorted by ``ts_ns`` over all files; the last ``--test-fraction`` is the test split.
-Labels look ``horizon`` ahead, so training rows whose label window reaches into the test split
-(``ts_ns + horizon > first test ts_ns``) are dropped: without that embargo the last training
-labels would be computed from test-period prices.
+A label is read from the first book at or after ``t + horizon``, which may lie up to the
+export's ``label_tolerance_ns(horizon) = max(horizon / 10, 1 s)`` past it, so only training rows
+with ``ts_ns + horizon + tolerance < first test ts_ns`` are kept: without that embargo the last
+training labels would be computed from test-period prices.
+
+A transformer sequence is a symbol's history within one recording: rows are grouped by
+(Parquet file, ``recording`` column, symbol), since the export restarts the features with each
+recording; a file without the ``recording`` column (an older export) is one recording.
+
+Files must agree with each other on ``feature_window_size``, and with each other and with this
+build's ``shm.schema`` on ``layout_version`` and ``feature_names`` (their ``hft`` metadata; a
+file without it is accepted): features computed under another layout or window are not the
+ones the engine sends.
 
 Features are every ``FEATURE_NAMES`` entry except ``microprice`` (an absolute price), minus those
-with no finite value or no variance on the training split. Scaling is the contract's, done by
+with no finite value or no variance on the training split. The cyclic time features are kept
+only when the training split covers their whole cycle: ``tod_sin``/``tod_cos`` when every one of
+the 24 UTC hours (``(ts_ns // 1 h) % 24``) holds a training row, ``dow_sin``/``dow_cos`` when
+every weekday (``(ts_ns // 1 day + 3) % 7``, Monday 0) does. A span is not enough: two short
+recordings of the same hour on consecutive days span a day yet see one value of the hour, and
+any other hour is then hundreds of standard deviations out (the live out-of-domain guard would
+drop the model on every tick). Scaling is the contract's, done by
 the one function ``scale``: ``clip((x - mean) / std, -8, 8)``, NaN or infinite -> 0, with mean and
 std from the training split.
 
@@ -66,6 +82,7 @@ from typing import Any
 
 import numpy as np
 
+from ops.export import label_tolerance_ns
 from shm import schema
 
 PROG = "hft train"
@@ -82,14 +99,24 @@ EVAL_CHUNK = 50_000  # rows per onnxruntime call when checking, to bound memory
 
 NOT_INPUTS = {"microprice": "absolute price, not a model input"}
 CANDIDATES = tuple(n for n in schema.FEATURE_NAMES if n not in NOT_INPUTS)
-_DAY_NS = 86_400 * 1_000_000_000
-# cyclic features kept only when the training data covers one whole period
-CYCLIC_SPANS_NS = {
-    "tod_sin": (_DAY_NS, "a day"),
-    "tod_cos": (_DAY_NS, "a day"),
-    "dow_sin": (7 * _DAY_NS, "a week"),
-    "dow_cos": (7 * _DAY_NS, "a week"),
-}
+_HOUR_NS = 3_600 * 1_000_000_000
+_DAY_NS = 24 * _HOUR_NS
+# cyclic features kept only when the training rows fall in every bucket of the cycle
+_TOD = "the training split does not cover every hour of the day"
+_DOW = "the training split does not cover every day of the week"
+CYCLIC_REASONS = {"tod_sin": _TOD, "tod_cos": _TOD, "dow_sin": _DOW, "dow_cos": _DOW}
+
+
+def covers_day(ts_ns: np.ndarray) -> bool:
+    """Every UTC hour of the day, ``(ts // 1 h) % 24``, holds at least one of ``ts_ns``."""
+    return len(np.unique((np.asarray(ts_ns, np.int64) // _HOUR_NS) % 24)) == 24
+
+
+def covers_week(ts_ns: np.ndarray) -> bool:
+    """Every weekday, ``(ts // 1 day + 3) % 7`` (Monday 0), holds at least one of ``ts_ns``."""
+    return len(np.unique((np.asarray(ts_ns, np.int64) // _DAY_NS + 3) % 7)) == 7
+
+
 BASE_COLUMNS = (
     "symbol",
     "symbol_id",
@@ -168,7 +195,8 @@ class Frame:
     files: list[Path]
     ts: np.ndarray  # int64
     flags: np.ndarray  # int64
-    group: np.ndarray  # int64: one id per (file, symbol): a symbol's sequence never spans files
+    # int64: one id per (file, recording, symbol): a sequence never spans files or recordings
+    group: np.ndarray
     label: np.ndarray  # float64
     X: np.ndarray  # float64 [rows, len(CANDIDATES)]
     label_name: str
@@ -202,8 +230,8 @@ def _check_columns(path: Path, sch: Any) -> None:
             raise TrainError(
                 f"{path}: missing column {col!r} (not an export of hft export-features?)"
             )
-    for col in ("ts_ns", "flags"):
-        if not pa.types.is_integer(sch.field(col).type):
+    for col in ("ts_ns", "flags", "recording"):
+        if col in names and not pa.types.is_integer(sch.field(col).type):
             raise TrainError(f"{path}: column {col!r} is {sch.field(col).type}, expected integers")
     for col in CANDIDATES:
         t = sch.field(col).type
@@ -241,6 +269,45 @@ def choose_horizon(per_file: dict[Path, list[int]], asked: int | None) -> int:
     return 5000 if 5000 in common else common[0]
 
 
+def check_layout(paths: list[Path], metas: list[dict[str, Any]]) -> None:
+    """Refuse files whose ``layout_version`` or ``feature_names`` differ from each other or from
+    this build's ``shm.schema``; a file without the key (or without metadata) is accepted."""
+    build = {"layout_version": schema.LAYOUT_VERSION, "feature_names": list(schema.FEATURE_NAMES)}
+    for key, want in build.items():
+        seen: tuple[Path, Any] | None = None
+        for path, m in zip(paths, metas, strict=True):
+            if key not in m:
+                continue
+            value = m[key]
+            if seen is not None and value != seen[1]:
+                raise TrainError(
+                    f"{seen[0]} and {path} were exported with different {key} ({seen[1]!r} vs "
+                    f"{value!r}); a model must be trained on features of one layout"
+                )
+            seen = seen or (path, value)
+        if seen is not None and seen[1] != want:
+            raise TrainError(
+                f"{seen[0]}: exported with {key} {seen[1]!r}, this build has {want!r}; "
+                "export the recordings again with this build"
+            )
+
+
+def _groups(path: Path, table: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The file's symbols (in order of first appearance) and, per row, the index of its
+    (recording, symbol) pair in the file; a file without ``recording`` is one recording."""
+    sym = np.asarray(table.column("symbol").to_numpy(zero_copy_only=False)).astype(str)
+    names, first, inv = np.unique(sym, return_index=True, return_inverse=True)
+    if "recording" in table.column_names:
+        if table.column("recording").null_count:
+            raise TrainError(f"{path}: column 'recording' has nulls")
+        rec = np.asarray(table.column("recording").to_numpy(), dtype=np.int64)
+    else:  # an export from before the column: one recording
+        rec = np.zeros(len(sym), dtype=np.int64)
+    key = rec * len(names) + inv.astype(np.int64)
+    _, group = np.unique(key, return_inverse=True)
+    return names[np.argsort(first)], group.astype(np.int64).reshape(-1)
+
+
 def load(paths: list[Path], horizon_ms: int | None) -> Frame:
     import pyarrow.parquet as pq
 
@@ -249,29 +316,30 @@ def load(paths: list[Path], horizon_ms: int | None) -> Frame:
         sch = _read_schema(path)
         _check_columns(path, sch)
         schemas[path] = sch
+    meta = [_meta(path, sch) for path, sch in schemas.items()]
+    check_layout(list(schemas), meta)
     horizons = {p: _label_horizons(list(s.names)) for p, s in schemas.items()}
     h = choose_horizon(horizons, horizon_ms)
     label_name = f"ret_bps_{h}ms"
     cols = [*BASE_COLUMNS, *CANDIDATES, label_name]
-    ts, flags, group, label, feats, meta = [], [], [], [], [], []
+    ts, flags, group, label, feats = [], [], [], [], []
     symbols: list[str] = []
     n_groups = 0
     for path, sch in schemas.items():
-        meta.append(_meta(path, sch))
+        extra = ["recording"] if "recording" in sch.names else []
         try:
-            table = pq.read_table(path, columns=cols)
+            table = pq.read_table(path, columns=[*cols, *extra])
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise TrainError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
         for col in ("symbol", "ts_ns", "flags"):
             if table.column(col).null_count:
                 raise TrainError(f"{path}: column {col!r} has nulls")
-        sym = np.asarray(table.column("symbol").to_numpy(zero_copy_only=False)).astype(str)
-        names, first, inv = np.unique(sym, return_index=True, return_inverse=True)
-        for name in names[np.argsort(first)]:
+        names, grp = _groups(path, table)
+        for name in names:
             if name not in symbols:
                 symbols.append(str(name))
-        group.append(inv.astype(np.int64) + n_groups)
-        n_groups += len(names)
+        group.append(grp + n_groups)
+        n_groups += int(grp.max()) + 1 if len(grp) else 0
         ts.append(np.asarray(table.column("ts_ns").to_numpy(), dtype=np.int64))
         flags.append(np.asarray(table.column("flags").to_numpy(), dtype=np.int64))
         label.append(np.asarray(table.column(label_name).to_numpy(), dtype=np.float64))
@@ -311,7 +379,8 @@ class Split:
 
 
 def split(frame: Frame, test_fraction: float) -> Split:
-    """Time split with a one-horizon embargo, then the features and scaler from training rows."""
+    """Time split with an embargo of one horizon plus the label tolerance, then the features and
+    scaler from the training rows."""
     n_all = len(frame.ts)
     tradeable = (frame.flags & schema.BOOK_UNTRADEABLE) == 0
     usable = np.flatnonzero(tradeable & np.isfinite(frame.label))
@@ -327,7 +396,8 @@ def split(frame: Frame, test_fraction: float) -> Split:
     head = usable[: len(usable) - n_test]
     first_test_ns = int(frame.ts[test[0]])
     horizon_ns = frame.horizon_ms * 1_000_000
-    train = head[frame.ts[head] + horizon_ns <= first_test_ns]
+    # strict, and with the tolerance: a label's book may lie up to that far past t + horizon
+    train = head[frame.ts[head] + horizon_ns + label_tolerance_ns(horizon_ns) < first_test_ns]
     fit = train[frame.label[train] != 0]
     counts |= {"embargoed": len(head) - len(train), "train": len(train), "fit": len(fit)}
     counts["test"] = len(test)
@@ -347,15 +417,13 @@ def split(frame: Frame, test_fraction: float) -> Split:
     mean, std, n_finite = _finite_stats(frame.X[train])
     dropped = [{"name": k, "reason": v} for k, v in NOT_INPUTS.items()]
     keep = []
-    span_ns = int(frame.ts[train].max() - frame.ts[train].min()) if len(train) else 0
+    covered = {_TOD: covers_day(frame.ts[train]), _DOW: covers_week(frame.ts[train])}
     for j, name in enumerate(CANDIDATES):
-        cycle = CYCLIC_SPANS_NS.get(name)
-        if cycle is not None and span_ns < cycle[0]:
-            # a cycle seen for a fraction of its period is a near-constant that any other
-            # hour or day pushes to the scaler's clip: a model would read it as a huge signal
-            dropped.append(
-                {"name": name, "reason": f"the training split spans less than {cycle[1]}"}
-            )
+        cyclic = CYCLIC_REASONS.get(name)
+        if cyclic is not None and not covered[cyclic]:
+            # a cycle seen in part of its buckets is a near-constant that any other hour or
+            # day pushes to the scaler's clip: a model would read it as a huge signal
+            dropped.append({"name": name, "reason": cyclic})
         elif n_finite[j] == 0:
             dropped.append({"name": name, "reason": "no finite value in the training split"})
         elif not std[j] > 1e-12 * max(1.0, abs(mean[j])):

@@ -27,10 +27,16 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:
 
 
 def _brute_labels(ts: list[int], mid: list[float], flags: list[int], h_ns: int) -> list[float]:
+    """The contract's label, row by row (``ts`` already non-decreasing)."""
+    tolerance = max(h_ns // 10, 1_000_000_000)
     out = []
     for i, t in enumerate(ts):
         later = next((j for j in range(i, len(ts)) if ts[j] >= t + h_ns), None)
-        if later is None or flags[later] & schema.BOOK_UNTRADEABLE:
+        if (
+            later is None
+            or flags[later] & schema.BOOK_UNTRADEABLE
+            or ts[later] > t + h_ns + tolerance  # a gap: not the mid at t + h
+        ):
             out.append(math.nan)
         else:
             out.append((mid[later] / mid[i] - 1) * 1e4)
@@ -52,6 +58,7 @@ def test_binance_excerpt_rows_match_the_reference_and_labels_are_forward_returns
     assert meta["feature_window_size"] == 40 and meta["horizons_ms"] == [500, 2000]
     assert meta["data"] == "recorded" and meta["layout_version"] == schema.LAYOUT_VERSION
     assert set(cols["symbol"]) == {"BTC"}
+    assert meta["source"] == [str(BINANCE)] and not cols["recording"].any()
     # every feature column equals the plain reference replayed over the same books
     events = _ordered(BINANCE)
     ref = RefFeatures(window=40)
@@ -189,3 +196,81 @@ def test_a_file_that_is_not_a_recording(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "bad.jsonl.gz" in err and "Traceback" not in err
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_each_recording_is_numbered_and_nothing_runs_across_two(tmp_path: Path) -> None:
+    out = tmp_path / "two.parquet"
+    rc = export.main([str(BINANCE), str(BINANCE), "--out", str(out), "--window", "40"])
+    assert rc == 0
+    cols, meta = _read(out)
+    assert pq.read_schema(out).field("recording").type == "int16"
+    n = len(cols["mid"]) // 2
+    assert cols["recording"].tolist() == [0] * n + [1] * n
+    assert meta["source"] == [str(BINANCE), str(BINANCE)]
+    # the second recording starts from a fresh feature state and its own labels
+    for name in [*schema.FEATURE_NAMES, "ts_ns", "ret_bps_5000ms"]:
+        np.testing.assert_array_equal(cols[name][n:], cols[name][:n], err_msg=name)
+    assert np.isnan(cols["ret_bps_1000ms"][n - 1])  # not read from the next recording
+
+    # and hft train's transformer sequences restart with the second recording
+    from ops import train
+
+    frame = train.load([out], 1000)
+    idx = train.sequence_index(frame.group, 4)
+    assert idx[n].tolist() == [-1, -1, -1, n] and idx[n + 1].tolist() == [-1, -1, n, n + 1]
+    assert idx[n - 1].tolist() == [n - 4, n - 3, n - 2, n - 1]
+
+
+def _books(exch: list[int], recv: list[int], mid: list[float], flags: list[int]) -> np.ndarray:
+    fv = np.zeros(len(exch), schema.FEATURES)
+    fv["exch_ns"], fv["recv_ns"], fv["mid"], fv["flags"] = exch, recv, mid, flags
+    return fv
+
+
+def test_unstamped_books_stay_on_the_venue_clock() -> None:
+    """The recorder's clock runs 2 s ahead of the venue's; a stale re-publish in the middle
+    carries no venue time (exch_ns 0). The labels are those of the venue clock."""
+    s = 1_000_000_000
+    t0 = 1_722_470_400 * s
+    venue = [t0 + k * s for k in range(12)]
+    venue[6] = venue[5]  # the re-publish of book 5, sent again at the same venue time
+    recv = [t + 2 * s + 3_000_000 for t in venue]
+    exch = [*venue[:6], 0, *venue[7:]]
+    mid = [100.0 + k + 0.25 * (k % 3) for k in range(12)]
+    flags = [0] * 12
+    flags[6] = schema.BOOK_STALE
+    ts, labels = export.time_and_labels(_books(exch, recv, mid, flags), (1000, 2000))
+    assert ts.tolist() == venue
+    for h in (1000, 2000):
+        truth = _brute_labels(venue, mid, flags, h * 1_000_000)
+        np.testing.assert_allclose(labels[h], truth, rtol=1e-12, equal_nan=True)
+    # on the receive clock the stale book would sit 2 s late and hold the next two back
+    assert np.isfinite(labels[1000][:11]).all() and np.isnan(labels[1000][11])
+    # per (recording, symbol): a book before the symbol's first venue time keeps its receive
+    # time; every unstamped one after takes the previous book's time
+    got = export.event_time_ns(np.array([0, 0, 50, 0, 0, 70]), np.array([11, 12, 53, 54, 55, 73]))
+    assert got.tolist() == [11, 12, 50, 50, 50, 70]
+    two = _books([0, 0, 100, 0], [7, 8, 9, 10], [1.0] * 4, [0] * 4)
+    two["symbol_id"] = [0, 1, 1, 0]
+    assert export.time_and_labels(two, (1,))[0].tolist() == [7, 8, 100, 10]
+
+
+def test_labels_are_nan_past_the_tolerance() -> None:
+    """A 5 s label may be read from a book at most max(0.5 s, 1 s) past t + 5 s: a gap in the
+    data makes it NaN rather than a much longer return."""
+    s = 1_000_000_000
+    assert export.label_tolerance_ns(5 * s) == s and export.label_tolerance_ns(30 * s) == 3 * s
+    assert export.label_tolerance_ns(500_000_000) == s
+    ts = np.array([0, 1, 2, 3, 4, 10, 11, 60, 70], np.int64) * s  # gaps after 4 and after 11
+    mid = 100.0 + np.arange(len(ts))
+    got = export.forward_returns(ts, mid, np.zeros(len(ts), np.uint32), 5 * s)
+    # 0 -> 10 (t + 5 s + 5 s: too far); 4 -> 10 (1 s past: kept); 5 (t=10) -> 60: too far
+    want = [np.nan, np.nan, np.nan, np.nan, (105 / 104 - 1) * 1e4, np.nan, np.nan, np.nan, np.nan]
+    np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(
+        got, _brute_labels(ts.tolist(), mid.tolist(), [0] * len(ts), 5 * s), equal_nan=True
+    )
+    # exactly at t + h + tolerance is still the mid at t + h; one ns later is not
+    for late, ok in ((6 * s, True), (6 * s + 1, False)):
+        r = export.forward_returns(np.array([0, late]), mid[:2], np.zeros(2, np.uint32), 5 * s)
+        assert np.isfinite(r[0]) == ok

@@ -23,14 +23,16 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from ops import train
+from ops import export, train
 from shm import schema
 
 T0_NS = 1_722_470_400 * 10**9  # 2024-08-01 00:00 UTC
 STEP_NS = 50_000_000  # one book every 50 ms, alternating symbols
 HORIZONS_MS = (1000, 5000)
 CONSTANT = {"funding_bps": 0.0, "depth_beta": 0.5}  # constant -> dropped
-CYCLIC = ("tod_sin", "tod_cos", "dow_sin", "dow_cos")  # 200 s of data: less than a cycle
+CYCLIC = ("tod_sin", "tod_cos", "dow_sin", "dow_cos")  # 200 s of data: one hour, one weekday
+TOD_REASON = "the training split does not cover every hour of the day"
+DOW_REASON = "the training split does not cover every day of the week"
 MISSING = ("impact_beta",)  # all NaN -> dropped
 WARMUP = ("rvol_bps", "atr_bps")  # NaN for each symbol's first books
 
@@ -46,8 +48,10 @@ def make_export(
     drop: tuple[str, ...] = (),
     meta: dict[str, Any] | None = None,
     step_ns: int = STEP_NS,
+    recording: np.ndarray | None = None,
 ) -> Path:
-    """A Parquet file shaped like ``hft export-features`` output."""
+    """A Parquet file shaped like ``hft export-features`` output (``recording``: that column,
+    one value per row; without it the file has no such column, like an older export)."""
     rng = np.random.default_rng(seed)
     sym_idx = np.arange(rows) % len(symbols)
     ts = t0_ns + np.arange(rows, dtype=np.int64) * step_ns + rng.integers(0, 1000, rows)
@@ -82,6 +86,8 @@ def make_export(
         "best_ask": mid + 0.5,
         **{name: feats[name] for name in schema.FEATURE_NAMES},
     }
+    if recording is not None:
+        cols["recording"] = pa.array(recording, pa.int16())
     for h in HORIZONS_MS:
         label = ret.copy()
         for s in range(len(symbols)):
@@ -98,6 +104,7 @@ def make_export(
         "feature_window_size": 1000,
         "horizons_ms": list(HORIZONS_MS),
         "layout_version": schema.LAYOUT_VERSION,
+        "feature_names": list(schema.FEATURE_NAMES),
     }
     table = pa.table(cols).replace_schema_metadata({"hft": json.dumps(doc)})
     pq.write_table(table, path)
@@ -227,8 +234,9 @@ def contract_inputs(data: dict[str, np.ndarray], sc: dict[str, Any]) -> np.ndarr
     if L == 1:
         return Z.astype(np.float32)
     seqs = np.zeros((len(Z), L, Z.shape[1]), dtype=np.float32)
-    for sym in np.unique(data["symbol"]):
-        rows = np.flatnonzero(data["symbol"] == sym)
+    rec = data.get("recording", np.zeros(len(Z), np.int64))  # no column: one recording
+    for r_, sym in {(int(a), str(b)) for a, b in zip(rec, data["symbol"], strict=True)}:
+        rows = np.flatnonzero((rec == r_) & (data["symbol"] == sym))
         for j, r in enumerate(rows):
             window = Z[rows[max(0, j - L + 1) : j + 1]]
             seqs[r, L - len(window) :] = window
@@ -260,12 +268,41 @@ def test_models_rerun_from_the_contract_are_predictive(trained: dict[str, Any]) 
         assert sc["metrics"]["hit_rate"] > 0.6 and sc["metrics"]["ic"] > 0.3, model
 
 
-def test_embargo_separates_train_and_test_by_one_horizon(trained: dict[str, Any]) -> None:
+def test_embargo_separates_train_and_test_by_one_horizon_and_the_tolerance(
+    trained: dict[str, Any],
+) -> None:
     sc = sidecar(trained["out"], "edge")
     horizon_ns = sc["horizon_ms"] * 1_000_000
-    assert sc["test_span"]["start_ns"] >= sc["train_span"]["end_ns"] + horizon_ns
-    # and the embargo drops no more than it must: the gap is about one horizon
-    assert sc["test_span"]["start_ns"] - sc["train_span"]["end_ns"] < horizon_ns + 2 * STEP_NS
+    reach = horizon_ns + export.label_tolerance_ns(horizon_ns)  # 5 s + 1 s
+    assert sc["test_span"]["start_ns"] > sc["train_span"]["end_ns"] + reach
+    # and the embargo drops no more than it must: the gap is about one horizon and tolerance
+    assert sc["test_span"]["start_ns"] - sc["train_span"]["end_ns"] < reach + 2 * STEP_NS
+
+
+def _frame(ts: np.ndarray, *, horizon_ms: int = 5000, seed: int = 0) -> train.Frame:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((len(ts), len(train.CANDIDATES)))
+    return train.Frame(
+        files=[Path("f.parquet")],
+        ts=np.asarray(ts, np.int64),
+        flags=np.zeros(len(ts), np.int64),
+        group=np.zeros(len(ts), np.int64),
+        label=X[:, train.CANDIDATES.index("obi")] + 0.1,
+        X=X,
+        label_name=f"ret_bps_{horizon_ms}ms",
+        horizon_ms=horizon_ms,
+        symbols=["BTC"],
+        meta=[{}],
+    )
+
+
+def test_embargo_is_strict_and_counts_the_label_tolerance() -> None:
+    # one row a second; the test split starts at row 700 (t = 700 s); a 5 s label may be read
+    # from a book up to 1 s past t + 5 s, so the last training row is 693 (693 + 6 < 700):
+    # 694 reaches exactly the first test row and 695 reached it before (ts + h <= first test)
+    sp = train.split(_frame(T0_NS + np.arange(1000, dtype=np.int64) * 10**9), 0.3)
+    assert sp.test[0] == 700 and sp.train.max() == 693
+    assert sp.counts["embargoed"] == 6
 
 
 def test_constant_and_missing_features_are_dropped_and_listed(trained: dict[str, Any]) -> None:
@@ -273,8 +310,8 @@ def test_constant_and_missing_features_are_dropped_and_listed(trained: dict[str,
     dropped = {d["name"]: d["reason"] for d in sc["dropped_features"]}
     assert set(dropped) == {"microprice", *CONSTANT, *MISSING, *CYCLIC}
     assert all("constant" in dropped[n] for n in CONSTANT)
-    assert dropped["tod_sin"] == "the training split spans less than a day"
-    assert dropped["dow_cos"] == "the training split spans less than a week"
+    assert dropped["tod_sin"] == dropped["tod_cos"] == TOD_REASON
+    assert dropped["dow_sin"] == dropped["dow_cos"] == DOW_REASON
     assert "no finite value" in dropped["impact_beta"]
     assert sc["features"] == [n for n in schema.FEATURE_NAMES if n not in dropped], (
         "input column order is FEATURE_NAMES order"
@@ -468,4 +505,96 @@ def test_time_of_day_is_kept_once_the_data_covers_a_day(tmp_path: Path) -> None:
     sc = sidecar(out, "edge")
     dropped = {d["name"]: d["reason"] for d in sc["dropped_features"]}
     assert "tod_sin" in sc["features"] and "tod_cos" in sc["features"]
-    assert dropped["dow_sin"] == "the training split spans less than a week"
+    assert dropped["dow_sin"] == DOW_REASON
+
+
+def test_time_features_need_every_hour_not_a_span(tmp_path: Path) -> None:
+    """Two short recordings of the same hour on consecutive days span more than a day, yet
+    see one hour: tod_* would be a near-constant that any other hour pushes off the scale."""
+    a = make_export(tmp_path / "mon.parquet", rows=1000, seed=2)
+    b = make_export(tmp_path / "tue.parquet", rows=1000, seed=3, t0_ns=T0_NS + 86_400 * 10**9)
+    frame = train.load([a, b], None)
+    sp = train.split(frame, 0.3)
+    assert int(np.ptp(frame.ts[sp.train])) > 86_400 * 10**9  # the old rule kept tod_*
+    dropped = {d["name"]: d["reason"] for d in sp.dropped}
+    assert dropped["tod_sin"] == dropped["tod_cos"] == TOD_REASON
+    assert dropped["dow_sin"] == dropped["dow_cos"] == DOW_REASON
+    assert not {"tod_sin", "tod_cos"} & set(sp.features)
+
+
+def test_cycle_coverage_buckets() -> None:
+    hour = 3_600 * 10**9
+    day = 24 * hour
+    assert train.covers_day(T0_NS + np.arange(24) * hour)
+    assert not train.covers_day(T0_NS + np.arange(24) * day)  # every day at 00:00
+    assert not train.covers_day(T0_NS + np.delete(np.arange(24), 13) * hour)
+    # 2024-08-01 was a Thursday (weekday 3): seven consecutive days cover the week
+    assert int((T0_NS // day + 3) % 7) == 3
+    assert train.covers_week(T0_NS + np.arange(7) * day)
+    assert not train.covers_week(T0_NS + np.arange(6) * day)
+
+
+def test_sequences_restart_with_each_recording(tmp_path: Path) -> None:
+    """One file, two recordings of BTC and ETH: the second recording's first rows of a symbol
+    get zero-padded windows, not the first recording's last vectors."""
+    rows, L = 800, 4
+    rec = (np.arange(rows) >= rows // 2).astype(np.int16)
+    path = make_export(tmp_path / "two.parquet", rows=rows, recording=rec)
+    frame = train.load([path], None)
+    assert frame.symbols == ["BTC", "ETH"]
+    idx = train.sequence_index(frame.group, L)
+    first_btc, first_eth = rows // 2, rows // 2 + 1  # symbols alternate
+    assert idx[first_btc].tolist() == [-1, -1, -1, first_btc]
+    assert idx[first_eth].tolist() == [-1, -1, -1, first_eth]
+    assert idx[first_btc + 2].tolist() == [-1, -1, first_btc, first_btc + 2]
+    assert idx[first_btc - 2].tolist() == [
+        first_btc - 8,
+        first_btc - 6,
+        first_btc - 4,
+        first_btc - 2,
+    ]
+    assert len(np.unique(frame.group)) == 4  # (recording, symbol)
+    S = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + 1
+    windows = train.pad(S)[idx]
+    assert not windows[first_btc, :-1].any() and not windows[first_eth, :-1].any()
+    # a file without the column (an older export) is one recording: sequences run through
+    old = make_export(tmp_path / "old.parquet", rows=rows)
+    idx_old = train.sequence_index(train.load([old], None).group, L)
+    assert idx_old[first_btc].tolist() == [first_btc - 6, first_btc - 4, first_btc - 2, first_btc]
+
+
+def test_files_of_another_layout_are_refused_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = {
+        "source": "r.jsonl.gz",
+        "data": "simulator",
+        "venue": "sim",
+        "symbols": ["BTC", "ETH"],
+        "feature_window_size": 1000,
+        "horizons_ms": list(HORIZONS_MS),
+        "layout_version": schema.LAYOUT_VERSION,
+        "feature_names": list(schema.FEATURE_NAMES),
+    }
+    good = make_export(tmp_path / "good.parquet", rows=600, meta=base)
+    renamed = [*schema.FEATURE_NAMES[1:], schema.FEATURE_NAMES[0]]
+    names = make_export(
+        tmp_path / "names.parquet", rows=600, meta={**base, "feature_names": renamed}
+    )
+    v = schema.LAYOUT_VERSION
+    old = make_export(tmp_path / "old.parquet", rows=600, meta={**base, "layout_version": v - 1})
+    bare = tmp_path / "bare.parquet"  # no metadata at all: accepted
+    pq.write_table(pq.read_table(good).replace_schema_metadata(None), bare)
+    crypto = ["--asset-class", "crypto", "--out", str(tmp_path / "m"), "--models", "edge"]
+    for files, want in (
+        ([good, names], [f"{good} and {names}", "different feature_names"]),
+        ([good, old], [f"{good} and {old}", f"different layout_version ({v} vs {v - 1})"]),
+        ([names], [f"{names}: exported with feature_names", "this build has"]),
+        ([bare, old], [f"{old}: exported with layout_version {v - 1}, this build has {v}"]),
+    ):
+        assert train.main([*map(str, files), *crypto]) == 2, files
+        err = capsys.readouterr().err
+        assert all(w in err for w in want), (want, err)
+    assert not (tmp_path / "m").exists()
+    frame = train.load([bare, good], None)  # a file without metadata goes with any
+    assert frame.meta[0] == {} and len(frame.ts) == 1200
