@@ -270,6 +270,14 @@ def test_paper_engine_trades_on_the_binance_feed_and_stops_while_it_is_stale(
                 "trading to resume after the feed comes back",
                 proc,
             )
+            # the shipped crypto models (trained on this market) made signals: real BTCUSDT
+            # ticks are inside their training range (the first books of a run, still warming
+            # up, may not be)
+            signals = counter(eng, "inference", schema.C_SIGNALS)
+            fallbacks = counter(eng, "inference", schema.C_FALLBACKS)
+            edge_runs = counter(eng, "inference", schema.MODEL_COUNTERS_BASE + schema.MODEL_RUNS)
+            assert edge_runs > 0 and signals > 0
+            assert signals - fallbacks > 0, (fallbacks, signals)
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
         finally:
