@@ -365,8 +365,8 @@ C_RATE_LIMITED: Final = 31  # venue REST answers 429/418, and requests held back
 N_COUNTERS: Final = 32
 REJECT_COUNTERS_BASE: Final = 32  # one counter per REJECT_REASONS entry after the generic ones
 MODEL_COUNTERS_BASE: Final = REJECT_COUNTERS_BASE + 32
-# inference, per model (index in MODEL_NAMES): runs, deadline misses, failed runs, and ticks
-# whose inputs lay outside the model's training range (left out of the ensemble)
+# inference, per model (index in MODEL_NAMES): runs, deadline misses, failed runs and rejected
+# model files, and ticks whose inputs lay outside the model's training range (left out)
 MODEL_RUNS: Final = 0
 MODEL_TIMEOUTS: Final = 1
 MODEL_ERRORS: Final = 2

@@ -1039,6 +1039,7 @@ class ModelSet:
             return
         old = s.model
         if isinstance(result, Exception):
+            self._ints[s.errors_slot] += 1  # a rejected file is a model error too
             if old is None:
                 logger.warning("model left out", extra={"model": s.name, "error": str(result)})
             else:

@@ -410,9 +410,12 @@ def test_broken_models_are_logged_and_left_out(
     write_model(tmp_path, "gbdt", b"garbage", sidecar("gbdt"))
     write_model(tmp_path, "idec", logistic_onnx([0.1] * 5, 0.0), sidecar("idec"))
     write_model(tmp_path, "rnn", logistic_onnx(W_EDGE, 0.0), sidecar("rnn"))
+    st = new_stats()
     with caplog.at_level(logging.INFO, logger="stages.models"):
-        ms = model_set(tmp_path)
+        ms = model_set(tmp_path, stats=st)
     assert list(ms.models) == ["edge"]
+    # each rejected file is counted as an error of its model (hft_model_errors_total)
+    assert [model_counter(st, n, schema.MODEL_ERRORS) for n in schema.MODEL_NAMES] == [0, 1, 1, 0]
     left_out = {r.model: r.error for r in caplog.records if r.msg == "model left out"}  # type: ignore[attr-defined]
     assert set(left_out) == {"gbdt", "idec"}
     assert left_out["gbdt"].startswith(f"{tmp_path / 'gbdt.onnx'}: ONNX Runtime cannot load it")
