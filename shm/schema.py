@@ -79,6 +79,13 @@ REJECT_REASONS: Final = (
     "bad_order",
     "unknown_order",
     "no_book",
+    "leverage",  # gross notional over max_leverage x equity
+    "concentration",  # one symbol over max_concentration of the portfolio
+    "reduce_only",  # trading state REDUCING: only orders that shrink a position
+    "halted",  # trading state HALTED
+    "circuit_breaker",  # the symbol is paused (wide spread, thin book, extreme move)
+    "rate_limited",  # the venue's order rate limit
+    "min_notional",  # below the symbol's minimum notional
 )
 REJECT_CODE: Final = {name: i for i, name in enumerate(REJECT_REASONS)}
 

@@ -90,15 +90,56 @@ class RiskConfig:
     max_notional_per_symbol: float = 100_000.0
     max_total_notional: float = 500_000.0
     max_loss_per_day: float = 10_000.0
-    taker_fee_bps: float = 4.5
+    taker_fee_bps: float = 4.5  # the simulator's fees (it speaks Hyperliquid); see [paper]
     maker_fee_bps: float = 1.5
+    account_equity_usd: float = 100_000.0  # capital the leverage and concentration refer to
+    max_leverage: float = 3.0  # gross notional / (equity + PnL)
+    max_holding_s: float = 3_600.0  # a position older than this is reduced
+    max_concentration: float = 0.25  # one symbol's notional / portfolio gross notional
+    adr_loss_multiple: float = 2.0  # unrealised loss over this many average daily ranges
+    wide_spread_bps: float = 10.0  # circuit breaker: pause the symbol above this spread
+    min_liquidity_usd: float = 500_000.0  # circuit breaker: pause below this book notional
+    extreme_move_atr: float = 3.0  # circuit breaker: pause on a move over this many ATRs
+    breaker_pause_s: float = 30.0  # how long a circuit breaker pauses its symbol
+    max_orders_per_s: float = 20.0  # per venue, new orders and cancels
 
     def __post_init__(self) -> None:
         _check_numbers("risk", self, allow_zero=("taker_fee_bps", "maker_fee_bps"))
+        if self.max_concentration > 1:
+            raise ConfigError(
+                f"risk.max_concentration must be in (0, 1], got {self.max_concentration!r}"
+            )
         if self.max_notional_per_symbol > self.max_total_notional:
             raise ConfigError(
                 "risk.max_notional_per_symbol must not exceed risk.max_total_notional"
             )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaperConfig:
+    """The paper exchange: fees per venue, order-entry latency, where the journal lives."""
+
+    binance_taker_fee_bps: float = 5.0  # Binance USD-M base tier: 0.05% / 0.02%
+    binance_maker_fee_bps: float = 2.0
+    hyperliquid_taker_fee_bps: float = 4.5  # Hyperliquid base tier: 0.045% / 0.015%
+    hyperliquid_maker_fee_bps: float = 1.5
+    latency_ms: float = 1.0  # order entry: an order or cancel reaches the book this much later
+    journal_path: str = "var/journal/{namespace}.sqlite"  # {namespace}: engine.namespace
+
+    def __post_init__(self) -> None:
+        _check_numbers(
+            "paper",
+            self,
+            allow_zero=(
+                "binance_taker_fee_bps",
+                "binance_maker_fee_bps",
+                "hyperliquid_taker_fee_bps",
+                "hyperliquid_maker_fee_bps",
+                "latency_ms",
+            ),
+        )
+        if not self.journal_path:
+            raise ConfigError("paper.journal_path must not be empty")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -339,6 +380,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     risk: RiskConfig = field(default_factory=RiskConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -354,6 +396,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "engine": EngineConfig,
     "gate": GateConfig,
     "risk": RiskConfig,
+    "paper": PaperConfig,
     "route": RouteConfig,
     "signal": SignalConfig,
     "inference": InferenceConfig,
