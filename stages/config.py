@@ -149,6 +149,7 @@ class RouteConfig:
     order_ttl_ms: float = 3_000.0
     max_open_orders_per_symbol: int = 2
     max_signal_age_ms: float = 50.0  # never act on a tick older than this (a backlog after a stall)
+    reprice_away_bps: float = 3.0  # a resting order this far behind the touch is cancelled
 
     def __post_init__(self) -> None:
         _check_numbers("route", self, allow_zero=("min_order_interval_ms",))

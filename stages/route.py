@@ -13,8 +13,9 @@ units at the mid, rounded down to the lot; prices rounded to the tick (away from
 passive orders). Below the minimum notional nothing is sent.
 
 Order hygiene: at most one new order per symbol per ``min_order_interval_ms``, at most
-``max_open_orders_per_symbol`` open, resting orders cancelled after ``order_ttl_ms`` or when
-the signal turns against them, and nothing new while the control block says killed, paused
+``max_open_orders_per_symbol`` open, resting orders cancelled after ``order_ttl_ms``, when
+the signal turns against them or when the market moves more than ``reprice_away_bps`` away
+from them (amending is cancel-and-replace at the next signal), and nothing new while the control block says killed, paused
 or draining. The router tracks its open orders and net position from the risk stage's events.
 """
 
@@ -132,8 +133,19 @@ class Router:
     def open_count(self, symbol_id: int) -> int:
         return sum(1 for o in self.open_orders.values() if o.symbol_id == symbol_id)
 
-    def cancels_for(self, symbol_id: int, direction: int, now_ns: int) -> list[OpenOrder]:
-        """Resting orders of a symbol to cancel: too old, or the signal turned against them.
+    def cancels_for(
+        self,
+        symbol_id: int,
+        direction: int,
+        now_ns: int,
+        best_bid: float = 0.0,
+        best_ask: float = 0.0,
+    ) -> list[OpenOrder]:
+        """Resting orders of a symbol to cancel: too old, the signal turned against them, or
+        the market moved away (a bid more than ``reprice_away_bps`` under the best bid, an ask
+        as far over the best ask: it would sit at the back of a queue that is not trading).
+
+        Amending is cancel-and-replace: the next signal places a new order at the new touch.
 
         An order that never got its final event within two lives (an IOC whose events were
         lost with a crashed risk stage, a cancel never answered) is forgotten and counted,
@@ -146,10 +158,15 @@ class Router:
         ]:
             del self.open_orders[oid]
             self._skip(SKIP_FORGOTTEN)
+        away = self.route.reprice_away_bps * 1e-4
         for o in self.open_orders.values():
             if o.symbol_id != symbol_id or o.cancel_sent or o.style == schema.STYLE_TAKER_NOW:
                 continue
-            if now_ns - o.sent_ns > ttl_ns or (direction and direction != o.side):
+            if o.side > 0:
+                moved = best_bid > 0 and o.px < best_bid * (1 - away)
+            else:
+                moved = best_ask > 0 and o.px > best_ask * (1 + away)
+            if now_ns - o.sent_ns > ttl_ns or (direction and direction != o.side) or moved:
                 o.cancel_sent = True
                 out.append(o)
         return out
@@ -362,7 +379,7 @@ class RouteAgent:
             trace = (exch, recv, ingest, feature, inference)
             if router.open_orders:
                 against = direction if conf >= router.gate.min_confidence else 0
-                for o in router.cancels_for(sym, against, t0):
+                for o in router.cancels_for(sym, against, t0, bid, ask):
                     self._send(
                         oid=o.order_id,
                         sym=sym,

@@ -372,3 +372,20 @@ def test_on_event_bookkeeping() -> None:
     # unknown order ids for the other kinds are ignored
     r.on_event(event(999_998, schema.EV_CANCELED))
     assert list(r.open_orders) == [e]
+
+
+def test_cancels_for_when_the_market_moves_away() -> None:
+    r = make_router(min_order_interval_ms=0.0, max_open_orders_per_symbol=5)
+    buy = r.on_signal(**signal(edge_bps=8.0, now_ns=1))
+    sell = r.on_signal(**signal(edge_bps=-8.0, now_ns=2))
+    assert buy is not None and sell is not None
+    away = r.route.reprice_away_bps * 1e-4
+    # the touch still near both orders: nothing to do
+    assert r.cancels_for(0, 0, 3, buy.px, sell.px) == []
+    assert r.cancels_for(0, 0, 3, buy.px * (1 + away * 0.9), sell.px * (1 - away * 0.9)) == []
+    # the bid ran up past reprice_away_bps: the buy sits at the back of a queue that won't trade
+    out = r.cancels_for(0, 0, 4, buy.px * (1 + away * 1.1), sell.px)
+    assert [c.order_id for c in out] == [buy.order_id]
+    # the ask fell away from the sell the same way
+    out = r.cancels_for(0, 0, 5, buy.px, sell.px * (1 - away * 1.1))
+    assert [c.order_id for c in out] == [sell.order_id]
