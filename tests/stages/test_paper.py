@@ -1,4 +1,7 @@
-"""The paper exchange: taker walks, post-only, maker fills through the price, cancels."""
+"""The paper exchange: taker walks, post-only, maker fills (queue and through the price), cancels.
+
+The queue model itself, latency and per-symbol fees: test_paper_queue.py.
+"""
 
 from __future__ import annotations
 
@@ -191,19 +194,24 @@ def test_post_only_behind_the_touch_rests() -> None:
     assert ex.resting[10].leaves == 2.0
 
 
-def test_resting_buy_fills_only_through_its_price() -> None:
+def test_resting_buy_fills_after_its_queue_or_through_its_price() -> None:
+    # Changed with the queue model: a print at the price used never to fill; it now trades
+    # the queue ahead (the 1.0 visible at 100.0 when the order arrived) and then the order.
     ex = exchange()
     assert (
         submit(ex, 11, schema.SIDE_BUY, schema.TIF_POST_ONLY, 100.0, 1.0)[0].kind == schema.EV_ACK
     )
+    assert ex.queue_ahead(11) == 1.0
     out: list[EventTuple] = []
-    ex.on_trade(0, 100.0, 5.0, out)  # at the price: the queue ahead trades first
+    ex.on_trade(0, 100.0, 0.6, out, aggressor=schema.SIDE_SELL)  # trades the queue ahead
+    ex.on_trade(0, 100.0, 5.0, out, aggressor=schema.SIDE_BUY)  # a buyer: not our side
     ex.on_trade(0, 100.2, 5.0, out)
     ex.on_trade(1, 98.0, 5.0, out)  # another symbol
     ex.on_book(make_book(asks=[(100.1, 1.0)]), out)  # ask comes closer but not onto it
     assert out == []
+    assert ex.queue_ahead(11) == pytest.approx(0.4)
 
-    ex.on_trade(0, 99.9, 0.3, out)  # strictly below: fill up to the print's size
+    ex.on_trade(0, 100.0, 0.7, out, aggressor=schema.SIDE_SELL)  # 0.4 ahead, then 0.3 for us
     assert len(out) == 1
     assert_fill(Ev(*out[0]), oid=11, side=1, px=100.0, qty=0.3, leaves=0.7, liq=schema.LIQ_MAKER)
     assert Ev(*out[0]).recv_ns == 110
@@ -216,6 +224,18 @@ def test_resting_buy_fills_only_through_its_price() -> None:
     assert ex.resting == {}
 
 
+def test_resting_buy_fills_in_full_on_a_print_through_its_price() -> None:
+    # Changed with the queue model: a print below the bid used to fill up to the print's
+    # size; price-time priority trades the whole level out first, so the order fills in full.
+    ex = exchange()
+    submit(ex, 11, schema.SIDE_BUY, schema.TIF_POST_ONLY, 100.0, 1.0)
+    out: list[EventTuple] = []
+    ex.on_trade(0, 99.9, 0.3, out)
+    assert len(out) == 1
+    assert_fill(Ev(*out[0]), oid=11, side=1, px=100.0, qty=1.0, leaves=0.0, liq=schema.LIQ_MAKER)
+    assert ex.resting == {}
+
+
 def test_resting_buy_filled_at_its_price_when_the_ask_gaps_below() -> None:
     ex = exchange()
     submit(ex, 12, schema.SIDE_BUY, schema.TIF_POST_ONLY, 100.0, 1.5)
@@ -225,23 +245,28 @@ def test_resting_buy_filled_at_its_price_when_the_ask_gaps_below() -> None:
     assert_fill(Ev(*out[0]), oid=12, side=1, px=100.0, qty=1.5, leaves=0.0, liq=schema.LIQ_MAKER)
 
 
-def test_resting_sell_fills_only_through_its_price() -> None:
+def test_resting_sell_fills_only_after_its_queue_or_through_its_price() -> None:
+    # Changed with the queue model: the at-price print is now split by aggressor side and
+    # trades the queue (2.0 visible at 101.0); the print through the price fills both orders
+    # in full (it used to fill 2.5 of the 3.0 and leave the rest to the next book).
     ex = exchange()
     submit(ex, 13, schema.SIDE_SELL, schema.TIF_POST_ONLY, 101.0, 2.0)
     submit(ex, 14, schema.SIDE_SELL, schema.TIF_POST_ONLY, 101.0, 1.0)
     out: list[EventTuple] = []
-    ex.on_trade(0, 101.0, 9.0, out)
+    ex.on_trade(0, 101.0, 1.5, out, aggressor=schema.SIDE_BUY)  # 1.5 of the 2.0 ahead
+    ex.on_trade(0, 101.0, 9.0, out, aggressor=schema.SIDE_SELL)  # a seller: not our side
     ex.on_trade(0, 99.0, 9.0, out)
     assert out == []
-    ex.on_trade(0, 101.5, 2.5, out)  # one print fills resting orders up to its size in total
+    assert ex.queue_ahead(13) == ex.queue_ahead(14) == pytest.approx(0.5)
+    ex.on_trade(0, 101.5, 2.5, out)  # through the price: the level was swept
     fills = [Ev(*e) for e in out]
-    assert sum(e.qty for e in fills) == pytest.approx(2.5)
+    assert sorted((e.order_id, e.qty, e.leaves) for e in fills) == [(13, 2.0, 0.0), (14, 1.0, 0.0)]
     assert all(e.px == 101.0 and e.liquidity == schema.LIQ_MAKER for e in fills)
-    left = sum(o.leaves for o in ex.resting.values())
-    assert left == pytest.approx(0.5)
+    assert ex.resting == {}
     out.clear()
+    submit(ex, 15, schema.SIDE_SELL, schema.TIF_POST_ONLY, 101.0, 0.5)
     ex.on_book(make_book(bids=[(101.2, 1.0)], asks=[(101.3, 1.0)]), out)  # bid through the price
-    assert sum(Ev(*e).qty for e in out) == pytest.approx(0.5)
+    assert [(Ev(*e).order_id, Ev(*e).qty) for e in out] == [(15, 0.5)]
     assert ex.resting == {}
 
 
