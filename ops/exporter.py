@@ -18,6 +18,11 @@ Rates (``hft_snapshots_per_sec``, ``hft_orders_per_sec``) come from counter delt
 sliding window of scrapes (default 10 s, and at least the previous scrape); the exporter
 samples once when it starts so that its first scrape already has a rate.
 
+Trading state. ``hft_trading_state`` is the risk engine's state (0 active, 1 reducing, 2
+halted; ``stages.riskengine``) and ``hft_trading_state_reason{reason}`` is 1 for its reason and 0
+for every other one, so each reason is one stable series. A non-zero kill field in the control
+block is HALTED with that reason whatever the risk stage last published (it may be down).
+
 Restarts. A new supervisor recreates the segments; the collector compares the control
 segment's header (creation time, owner pid) on every scrape and re-attaches when it changed.
 With no live engine it exports ``hft_engine_up 0`` and nothing else, and never raises.
@@ -53,7 +58,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from shm import ring, schema, segment, stats
 from stages import config
-from stages.wiring import CTL_PID, CTL_RESTARTS, RINGS, Engine
+from stages import riskengine as rk
+from stages.wiring import CTL_KILL, CTL_PID, CTL_RESTARTS, RINGS, Engine
 
 logger = logging.getLogger("ops.exporter")
 
@@ -493,7 +499,49 @@ class ShmCollector(Collector):
                 value=float(risk_gauges[schema.G_FEES]),
             )
         )
+        fams += _trading_families(risk_gauges, control[CTL_KILL])
         return fams
+
+
+def trading_state(gauges: np.ndarray, kill: int) -> tuple[int, int]:
+    """The engine's trading state and reason code (``stages.riskengine``).
+
+    The control block's kill field is the HALTED state and its reason, also when the risk
+    stage has not seen it yet (down, restarting); otherwise the risk stage's gauges say.
+    """
+    if kill:
+        return rk.HALTED, rk.halt_reason(kill)
+    state, reason = int(gauges[rk.G_TRADING_STATE]), int(gauges[rk.G_TRADING_REASON])
+    if state == rk.HALTED:  # the kill was reset and risk has not caught up yet
+        return rk.ACTIVE, rk.R_NONE
+    if not 0 <= state < len(rk.STATE_NAMES) or not 0 <= reason < len(rk.REASONS):
+        return rk.ACTIVE, rk.R_NONE
+    return state, reason
+
+
+def _trading_families(gauges: np.ndarray, kill: int) -> list[Metric]:
+    """``hft_trading_state`` (0 active, 1 reducing, 2 halted), its reason as a one-hot
+    ``hft_trading_state_reason{reason}`` (every reason always present), breaker trips."""
+    state, reason = trading_state(gauges, kill)
+    fam_state = GaugeMetricFamily(
+        "hft_trading_state",
+        "Trading state of the risk engine: 0 active, 1 reducing (only orders that shrink a "
+        "position), 2 halted (kill switch).",
+        value=state,
+    )
+    fam_reason = GaugeMetricFamily(
+        "hft_trading_state_reason",
+        "1 for the reason of the current trading state (none while active), 0 for the others.",
+        labels=["reason"],
+    )
+    for code, name in enumerate(rk.REASONS):
+        fam_reason.add_metric([name], 1 if code == reason else 0)
+    trips = CounterMetricFamily(
+        "hft_circuit_breaker_trips_total",
+        "Times a circuit breaker paused a symbol (wide spread, thin book, extreme move).",
+        value=float(gauges[rk.G_BREAKER_TRIPS]),
+    )
+    return [fam_state, fam_reason, trips]
 
 
 def _model_families(ints: np.ndarray, hists: np.ndarray) -> list[Metric]:

@@ -6,7 +6,8 @@ where it is pinned, how much CPU it burns, whether the scheduler preempts it (in
 context switches: the latency killer when stages share cores), how full its input rings are,
 and its latency percentiles; and for the inference stage's models, their runs, ticks lost to
 the deadline, ticks left out as outside their training range (out of domain) and run-time P99,
-and how many signals came from the rule-based fallback.
+and how many signals came from the rule-based fallback; and the risk engine's trading state
+(ACTIVE / REDUCING / HALTED with its reason) and circuit breaker trips.
 Everything comes from shared memory (only read) and /proc.
 
 Two readings ``interval`` apart give the rates (CPU %, records per second, context switches
@@ -31,11 +32,12 @@ import numpy as np
 import orjson
 import psutil
 
-from ops.exporter import EngineWatch, ring_depths
+from ops.exporter import EngineWatch, ring_depths, trading_state
 from shm import schema, segment
 from shm.stats import LatencySummary
 from stages import config
-from stages.wiring import CTL_PID, CTL_RESTARTS, inputs_of
+from stages import riskengine as rk
+from stages.wiring import CTL_KILL, CTL_PID, CTL_RESTARTS, inputs_of
 
 DEFAULT_INTERVAL_S: Final = 1.0
 ONCE_INTERVAL_S: Final = 0.5
@@ -186,6 +188,7 @@ def summarize(prev: Reading, cur: Reading, *, namespace: str) -> dict[str, Any]:
     inference = cur.blocks[schema.ROLE_INDEX["inference"]]
     gauges = cur.blocks[risk_idx]["gauges"]
     e2e = LatencySummary.of(cur.blocks[risk_idx]["hist"][schema.H_E2E])
+    state, reason = trading_state(gauges, cur.control[CTL_KILL])
     return {
         "namespace": namespace,
         "ts": cur.wall_s,
@@ -222,6 +225,11 @@ def summarize(prev: Reading, cur: Reading, *, namespace: str) -> dict[str, Any]:
             reason: int(risk[schema.REJECT_COUNTERS_BASE + code])
             for code, reason in enumerate(schema.REJECT_REASONS)
             if reason != "none" and risk[schema.REJECT_COUNTERS_BASE + code]
+        },
+        "trading": {
+            "state": rk.STATE_NAMES[state],
+            "reason": rk.REASONS[reason],
+            "breaker_trips": int(gauges[rk.G_BREAKER_TRIPS]),
         },
         "pnl": {
             "realized": float(gauges[schema.G_REALIZED]),
@@ -364,11 +372,20 @@ def render_table(report: dict[str, Any]) -> str:
         f"fills {report['fills']:,}   rejects {report['rejects']:,}"
         + (f" ({reasons})" if reasons else ""),
         "feed   " + "   ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in report["feed"].items()),
+        _trading_line(report["trading"]),
         f"PnL (quote)   realised {_num(pnl['realized'], ',.2f')}   "
         f"unrealised {_num(pnl['unrealized'], ',.2f')}   fees {_num(pnl['fees'], ',.2f')}",
         _models_line(report["models"]),
     ]
     return "\n".join(out) + "\n"
+
+
+def _trading_line(trading: dict[str, Any]) -> str:
+    reason = "" if trading["reason"] == "none" else f" ({trading['reason'].replace('_', ' ')})"
+    return (
+        f"trading {trading['state'].upper()}{reason}   "
+        f"circuit breaker trips {trading['breaker_trips']:,}"
+    )
 
 
 def _models_line(models: dict[str, Any]) -> str:

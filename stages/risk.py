@@ -1,15 +1,26 @@
 """Risk stage: the last gate before a venue, the owner of the venue session and positions.
 
-Pre-trade checks, in order (the first that fails names the reject reason):
-    draining, kill switch, paused -> no new orders at all
-    no book / stale book / crossed book for the symbol
-    malformed order (non-finite or non-positive quantity, unknown symbol)
-    per-symbol notional: |position after| * price > max_notional_per_symbol (when it grows)
-    total notional: gross notional after > max_total_notional (when it grows)
-    daily loss: realised + unrealised PnL below -max_loss_per_day -> kill switch (auto)
+The logic lives in ``stages.riskengine`` (pre-trade checks in order, the trading state machine
+ACTIVE -> REDUCING -> HALTED and its triggers, circuit breakers, per-venue rate limits, with
+their formulas); this module drives it from shared memory. On every pass, in this order:
 
-The kill switch (manual through the control block, or automatic) and the supervisor's drain
-cancel every resting order once, and every new order is rejected while they hold.
+1. the control block: the supervisor's drain cancels every resting order once; the kill field
+   is the HALTED state (``hft kill`` writes 1, the engine writes its automatic reason code):
+   a new kill cancels every resting order once, a cleared one returns the engine to ACTIVE;
+2. market data (trades, then books: the paper exchange fills resting orders; the engine
+   updates its 1 s bars and circuit breakers per book);
+3. cancels held back by the venue's rate limit, as far as the bucket allows;
+4. the triggers (``RiskChecks.evaluate``): a halt is written into the control block's kill
+   field (so route stops sending and the reason survives a restart), REDUCING cancels the
+   orders that would grow a position, holding time sends the engine's own IOCs;
+5. the orders from route: a cancel takes a venue token (or waits for one); a new order is
+   checked, then takes a token (else ``rate_limited``), then goes to the paper exchange.
+
+Every reject is published as an event and counted by reason (``hft_order_rejects_total``);
+rate-limited new orders and held-back cancels also count in ``C_RATE_LIMITED``. The trading
+state, its reason and the circuit breaker trips are published in the stage's float gauges
+(``riskengine.G_TRADING_STATE``, ``G_TRADING_REASON``, ``G_BREAKER_TRIPS``) for the exporter
+(``hft_trading_state``) and ``hft monitor``.
 
 Positions live in shared memory (the ``positions`` segment, written only here), so a risk
 stage killed and restarted by the supervisor carries on with the same positions; resting
@@ -18,152 +29,31 @@ paper orders die with it and are cancelled by the router's time-to-live.
 
 from __future__ import annotations
 
-import math
+import collections
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from shm import schema
 from shm.ring import RingReader
 from shm.stats import StageStats
-from stages.config import Config, RiskConfig
+from stages import riskengine as rk
+from stages.config import Config
+from stages.instruments import read_symbol_table
 from stages.orders import EVENT_STRUCT, Order, pack_event
 from stages.paper import EventTuple, PaperExchange, reject_event
+from stages.riskengine import Positions, RiskChecks
 from stages.wiring import CTL_DRAINED, CTL_DRAINING, CTL_KILL, CTL_STATE, Engine
+
+__all__ = ["KILL_DAILY_LOSS", "KILL_MANUAL", "Positions", "RiskAgent", "RiskChecks"]
 
 GAUGE_EVERY_NS = 50_000_000
 MD_POLL_MS = 1.0
-KILL_MANUAL = 1
-KILL_DAILY_LOSS = 2
-
-
-@dataclass
-class Positions:
-    """Net position, average price, realised PnL and fees per symbol."""
-
-    n: int = schema.MAX_SYMBOLS
-
-    def __post_init__(self) -> None:
-        self.qty = [0.0] * self.n
-        self.avg_px = [0.0] * self.n
-        self.realized = [0.0] * self.n
-        self.fees = [0.0] * self.n
-        self.volume = [0.0] * self.n
-        self.fills = [0] * self.n
-
-    def apply_fill(self, s: int, side: int, px: float, q: float, fee: float) -> None:
-        pos, avg = self.qty[s], self.avg_px[s]
-        if pos == 0.0 or (pos > 0) == (side > 0):
-            new = abs(pos) + q
-            self.avg_px[s] = (abs(pos) * avg + q * px) / new
-            self.qty[s] = pos + side * q
-        else:
-            closing = min(q, abs(pos))
-            self.realized[s] += closing * (px - avg) * (1.0 if pos > 0 else -1.0)
-            self.qty[s] = pos + side * q
-            if abs(self.qty[s]) < 1e-12:
-                self.qty[s] = 0.0
-                self.avg_px[s] = 0.0
-            elif q > closing:
-                self.avg_px[s] = px  # flipped: the remainder opened at this price
-        self.realized[s] -= fee
-        self.fees[s] += fee
-        self.volume[s] += px * q
-        self.fills[s] += 1
-
-    def unrealized(self, s: int, mark: float) -> float:
-        if self.qty[s] == 0.0 or not mark > 0:
-            return 0.0
-        return self.qty[s] * (mark - self.avg_px[s])
-
-    def load(self, table: np.ndarray) -> None:
-        for s, rec in enumerate(table[: self.n].tolist()):
-            qty, avg, realized, _unreal, fees, _mark, volume, fills, _open = rec
-            self.qty[s], self.avg_px[s], self.realized[s] = qty, avg, realized
-            self.fees[s], self.volume[s], self.fills[s] = fees, volume, fills
-
-    def store(self, table: np.ndarray, s: int, mark: float, open_orders: int) -> None:
-        table[s] = (
-            self.qty[s],
-            self.avg_px[s],
-            self.realized[s],
-            self.unrealized(s, mark),
-            self.fees[s],
-            mark,
-            self.volume[s],
-            self.fills[s],
-            open_orders,
-        )
-
-
-class RiskChecks:
-    """The pre-trade checks: pure over the order, the books, the positions and the state."""
-
-    def __init__(self, cfg: RiskConfig, exchange: PaperExchange, positions: Positions) -> None:
-        self.cfg = cfg
-        self.ex = exchange
-        self.pos = positions
-
-    def mark(self, s: int) -> float:
-        bid, ask = self.ex.best(s)
-        return (bid + ask) * 0.5 if bid > 0 and ask > 0 else math.nan
-
-    def gross_notional(self) -> float:
-        total = 0.0
-        for s, q in enumerate(self.pos.qty):
-            if q:
-                m = self.mark(s)
-                total += abs(q) * (m if m == m else self.pos.avg_px[s])
-        return total
-
-    def total_pnl(self) -> tuple[float, float]:
-        realized = sum(self.pos.realized)
-        unreal = 0.0
-        for s, q in enumerate(self.pos.qty):
-            if q:
-                unreal += self.pos.unrealized(s, self.mark(s))
-        return realized, unreal
-
-    def check(self, o: Order, *, draining: bool, kill: int, state: int) -> int:
-        """Return 0 if the order may go to the venue, else its REJECT_CODE."""
-        if draining:
-            return schema.REJECT_CODE["draining"]
-        if kill:
-            return schema.REJECT_CODE["kill_switch"]
-        if state != schema.CTRL_RUNNING:
-            return schema.REJECT_CODE["paused"]
-        s = o.symbol_id
-        if (
-            s >= self.ex.n_symbols
-            or o.side not in (1, -1)
-            or not (o.qty > 0 and math.isfinite(o.qty))
-            or not (o.px > 0 and math.isfinite(o.px))  # every order carries a limit
-        ):
-            return schema.REJECT_CODE["bad_order"]
-        if not self.ex.has_book[s]:
-            return schema.REJECT_CODE["no_book"]
-        flags = self.ex.flags[s]
-        if flags & schema.BOOK_STALE:
-            return schema.REJECT_CODE["stale_book"]
-        if flags & schema.BOOK_CROSSED:
-            return schema.REJECT_CODE["crossed_book"]
-        ref = o.px
-        pos = self.pos.qty[s]
-        # worst case: this order and every resting order on its side fill
-        after = pos + o.side * (o.qty + self.ex.resting_qty(s, o.side))
-        grows = abs(after) > abs(pos)
-        if grows and abs(after) * ref > self.cfg.max_notional_per_symbol:
-            return schema.REJECT_CODE["symbol_notional"]
-        if (
-            grows
-            and self.gross_notional() + (abs(after) - abs(pos)) * ref > self.cfg.max_total_notional
-        ):
-            return schema.REJECT_CODE["total_notional"]
-        realized, unreal = self.total_pnl()
-        if realized + unreal < -self.cfg.max_loss_per_day:
-            return schema.REJECT_CODE["daily_loss"]
-        return 0
+KILL_MANUAL = rk.R_MANUAL  # control-block kill values: the halt reason's code
+KILL_DAILY_LOSS = rk.R_DAILY_LOSS
+_RATE_LIMITED = schema.REJECT_CODE["rate_limited"]
+_DAILY_LOSS = schema.REJECT_CODE["daily_loss"]
+_UNKNOWN_ORDER = schema.REJECT_CODE["unknown_order"]
 
 
 class RiskAgent:
@@ -193,9 +83,26 @@ class RiskAgent:
         )
         self.positions = Positions()
         self.positions.load(engine.positions)
-        self.checks = RiskChecks(cfg.risk, self.exchange, self.positions)
+        venues: dict[str, int] = {}
+        venue_of = [0] * self.exchange.n_symbols
+        tick_of = [0.0] * self.exchange.n_symbols
+        for s, ins in read_symbol_table(engine.symbols).items():
+            if s < len(venue_of):
+                venue_of[s] = venues.setdefault(ins.venue, len(venues))
+                tick_of[s] = ins.tick_size
+        self.checks = RiskChecks(
+            cfg.risk,
+            self.exchange,
+            self.positions,
+            venue_of=venue_of,
+            tick_of=tick_of,
+            first_risk_order_id=time.time_ns() // 1000,  # ids only grow, across restarts too
+        )
+        self.checks.trips = int(stats.gauges[rk.G_BREAKER_TRIPS])  # a counter: carry it on
         self._events: list[EventTuple] = []
-        self._kill_handled = False
+        self._held_cancels: collections.deque[Order] = collections.deque()
+        self._drain_handled = False
+        self._risk_orders = 0
         self._next_gauges_ns = 0
         # Orders already in the ring when we start may have been acted on by the process we
         # replace (it died before committing its read cursor): only those are checked against
@@ -270,58 +177,110 @@ class RiskAgent:
         g[schema.G_FEES] = sum(self.positions.fees)
         g[schema.G_GROSS_NOTIONAL] = self.checks.gross_notional()
         g[schema.G_DAILY_PNL] = realized + unreal
-        if realized + unreal < -self.checks.cfg.max_loss_per_day and not self._ctl[CTL_KILL]:
-            self._ctl[CTL_KILL] = KILL_DAILY_LOSS
+
+    def _publish_state(self) -> None:
+        """The trading state, its reason and the breaker trips, for the exporter and monitor."""
+        state, reason = self.checks.published()
+        g = self._stats.gauges
+        g[rk.G_TRADING_STATE] = state
+        g[rk.G_TRADING_REASON] = reason
+        g[rk.G_BREAKER_TRIPS] = self.checks.trips
+
+    def _halt(self, reason: int) -> None:
+        """An automatic halt: into the control block, unless a kill is already there."""
+        if not self._ctl[CTL_KILL]:
+            self._ctl[CTL_KILL] = reason
+        self._held_cancels.clear()  # every resting order is cancelled already
+
+    def _cancel(self, o: Order) -> None:
+        if not self.exchange.cancel(o.order_id, recv_ns=o.recv_ns, out=self._events):
+            self._events.append(
+                reject_event(o.order_id, o.symbol_id, o.side, o.px, _UNKNOWN_ORDER, o.recv_ns)
+            )
+
+    def _release_held_cancels(self, now_ns: int) -> None:
+        """Send the cancels the rate limit held back, oldest first, while tokens last."""
+        held, take = self._held_cancels, self.checks.limiter.take
+        for _ in range(len(held)):
+            o = held.popleft()
+            if take(o.symbol_id, now_ns):
+                self._cancel(o)
+            else:
+                held.append(o)  # its venue has no token yet; another venue's may
 
     def do_work(self) -> int:
         ints = self._stats.ints
-        ex, events = self.exchange, self._events
+        ex, events, checks = self.exchange, self._events, self.checks
         ctl = self._ctl
         mono = time.monotonic_ns
         # the control block first: after a kill nothing may fill, not even on the next book
         kill, draining = int(ctl[CTL_KILL]), int(ctl[CTL_DRAINING])
-        if (kill or draining) and not self._kill_handled:
+        if draining and not self._drain_handled:
             ex.cancel_all(out=events)
-            self._kill_handled = True
+            self._held_cancels.clear()
+            self._drain_handled = True
+        elif not draining:
+            self._drain_handled = False
+        if checks.sync_kill(kill, events) and kill:
+            self._held_cancels.clear()
+        if events:
             self._publish(mono())
-        elif not (kill or draining):
-            self._kill_handled = False
         nt = self._trades_in.read_into(self._trades)
         if nt:
             for s, _side, _tid, _exch, _recv, _ing, px, sz in self._trades[:nt].tolist():
                 ex.on_trade(s, px, sz, events)
         nb = self._books_in.read_into(self._books)
+        now = mono()
         if nb:
             ex.on_books(self._books[:nb], events)
+            checks.on_books(self._books[:nb], now)
             ints[schema.C_SNAPSHOTS] += nb
         if events:
             self._publish(mono())
+        if self._held_cancels:
+            self._release_held_cancels(now)
+        state = int(ctl[CTL_STATE])
+        may_trade = not (kill or draining) and state == schema.CTRL_RUNNING
+        halt = checks.evaluate(now, events, may_trade=may_trade)
+        if halt:
+            self._halt(halt)
+        if checks.risk_orders != self._risk_orders:  # its own holding-time IOCs: orders too
+            ints[schema.C_ORDERS] += checks.risk_orders - self._risk_orders
+            self._risk_orders = checks.risk_orders
+        if events:
+            self._publish(mono())
+        self._publish_state()
         first = self._orders_in.read_cursor_local()
         no = self._orders_in.read_into(self._orders, commit=False)
         if no:
-            state = int(ctl[CTL_STATE])
             st = self._stats
+            take = checks.limiter.take
             for i, rec in enumerate(self._orders[:no].tolist()):
                 o = Order(*rec)
                 t0 = mono()
                 if o.action == schema.ACTION_CANCEL:
-                    if not ex.cancel(o.order_id, recv_ns=o.recv_ns, out=events):
-                        code = schema.REJECT_CODE["unknown_order"]
-                        events.append(
-                            reject_event(o.order_id, o.symbol_id, o.side, o.px, code, o.recv_ns)
-                        )
-                    self._publish(mono())
+                    if take(o.symbol_id, t0):
+                        self._cancel(o)
+                        self._publish(mono())
+                    else:  # refused, route would forget an order that still rests: held
+                        self._held_cancels.append(o)
+                        ints[schema.C_RATE_LIMITED] += 1
                     continue
                 if first + i < self._reread_end and o.order_id <= ints[schema.C_LAST_ORDER_ID]:
                     ints[schema.C_DUPLICATES] += 1  # read again after a restart: already acted on
                     continue
-                code = self.checks.check(o, draining=bool(draining), kill=kill, state=state)
+                code = checks.check(o, draining=bool(draining), kill=kill, state=state, now_ns=t0)
+                if not code and not take(o.symbol_id, t0):
+                    code = _RATE_LIMITED
+                    ints[schema.C_RATE_LIMITED] += 1
                 if code:
                     events.append(
                         reject_event(o.order_id, o.symbol_id, o.side, o.px, code, o.recv_ns)
                     )
-                    if code == schema.REJECT_CODE["daily_loss"] and not ctl[CTL_KILL]:
-                        ctl[CTL_KILL] = KILL_DAILY_LOSS
+                    if code == _DAILY_LOSS:
+                        checks.halt(rk.R_DAILY_LOSS, events)
+                        self._halt(rk.R_DAILY_LOSS)
+                        self._publish_state()
                     st.record_ns(schema.H_DURATION, mono() - t0)
                 else:
                     t1 = mono()
@@ -355,4 +314,5 @@ class RiskAgent:
 
     def on_close(self) -> None:
         self._update_gauges()
+        self._publish_state()
         self._store_positions()

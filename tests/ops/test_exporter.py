@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops import exporter
 from shm import schema, stats
 from stages import config
-from stages.wiring import CTL_PID, CTL_RESTARTS, Engine
+from stages import riskengine as rk
+from stages.wiring import CTL_KILL, CTL_PID, CTL_RESTARTS, Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 _seq = itertools.count()
@@ -221,6 +222,44 @@ def test_engine_level_metrics(engine: Engine, port: int) -> None:
     assert sample(fams, "hft_pnl_realized", "hft_pnl_realized") == 12.5
     assert sample(fams, "hft_pnl_unrealized", "hft_pnl_unrealized") == -3.25
     assert sample(fams, "hft_fees", "hft_fees_total") == 0.75
+
+
+def _reasons(fams: dict[str, object]) -> dict[str, float]:
+    return {
+        s.labels["reason"]: s.value
+        for s in fams["hft_trading_state_reason"].samples  # type: ignore[attr-defined]
+    }
+
+
+def test_trading_state_reason_and_breaker_trips(engine: Engine, port: int) -> None:
+    fams = scrape(port)
+    assert sample(fams, "hft_trading_state", "hft_trading_state") == 0
+    assert _reasons(fams) == {r: (1.0 if r == "none" else 0.0) for r in rk.REASONS}
+    assert sample(fams, "hft_circuit_breaker_trips", "hft_circuit_breaker_trips_total") == 0
+
+    risk = engine.stage_stats("risk")
+    risk.gauges[rk.G_TRADING_STATE] = rk.REDUCING
+    risk.gauges[rk.G_TRADING_REASON] = rk.R_LEVERAGE
+    risk.gauges[rk.G_BREAKER_TRIPS] = 3
+    fams = scrape(port)
+    assert sample(fams, "hft_trading_state", "hft_trading_state") == 1
+    assert _reasons(fams)["leverage"] == 1 and sum(_reasons(fams).values()) == 1
+    assert sample(fams, "hft_circuit_breaker_trips", "hft_circuit_breaker_trips_total") == 3
+
+    # the control block's kill is HALTED with its reason, whatever risk last published
+    engine.control[CTL_KILL] = rk.R_DAILY_LOSS
+    fams = scrape(port)
+    assert sample(fams, "hft_trading_state", "hft_trading_state") == 2
+    assert _reasons(fams)["daily_loss"] == 1 and sum(_reasons(fams).values()) == 1
+    engine.control[CTL_KILL] = 1  # hft kill
+    assert _reasons(scrape(port))["manual"] == 1
+    # reset, and risk has not caught up with it yet: not halted any more
+    engine.control[CTL_KILL] = 0
+    risk.gauges[rk.G_TRADING_STATE] = rk.HALTED
+    risk.gauges[rk.G_TRADING_REASON] = rk.R_MANUAL
+    fams = scrape(port)
+    assert sample(fams, "hft_trading_state", "hft_trading_state") == 0
+    assert _reasons(fams)["none"] == 1
 
 
 def _model_samples(fams: dict[str, object], family: str, name: str) -> dict[str, float]:

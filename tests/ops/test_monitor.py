@@ -18,7 +18,8 @@ import pytest
 from ops import monitor
 from shm import schema, segment, stats
 from stages import config
-from stages.wiring import CTL_PID, CTL_RESTARTS, Engine
+from stages import riskengine as rk
+from stages.wiring import CTL_KILL, CTL_PID, CTL_RESTARTS, Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 _seq = itertools.count()
@@ -194,6 +195,28 @@ def test_models_report_out_of_domain_per_model_in_json_and_table(
     assert "idec runs 0 timeouts 1,000 out-of-domain 0 (-) p99 - us" in line
     assert "transformer runs 60 timeouts 200 out-of-domain 80 (10.0%) p99 " in line
     assert line.endswith("fallback 3.0% of signals")
+
+
+def test_trading_state_in_json_and_table(
+    engine: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitor, "_sleep", lambda s: None)
+    doc = _run_json(engine.namespace, capsys)
+    assert doc["trading"] == {"state": "active", "reason": "none", "breaker_trips": 0}
+    risk = engine.stage_stats("risk")
+    risk.gauges[rk.G_TRADING_STATE] = rk.REDUCING
+    risk.gauges[rk.G_TRADING_REASON] = rk.R_LEVERAGE
+    risk.gauges[rk.G_BREAKER_TRIPS] = 4
+    doc = _run_json(engine.namespace, capsys)
+    assert doc["trading"] == {"state": "reducing", "reason": "leverage", "breaker_trips": 4}
+    assert monitor.main(["--namespace", engine.namespace, "--once"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trading "))
+    assert line == "trading REDUCING (leverage)   circuit breaker trips 4"
+    engine.control[CTL_KILL] = rk.R_ADR_LOSS
+    doc = _run_json(engine.namespace, capsys)
+    assert doc["trading"]["state"] == "halted" and doc["trading"]["reason"] == "adr_loss"
+    assert monitor.main(["--namespace", engine.namespace, "--once"]) == 0
+    assert "trading HALTED (adr loss)" in capsys.readouterr().out
 
 
 def test_interactive_mode_refreshes_until_ctrl_c(

@@ -192,7 +192,7 @@ def test_engine_state_rejects_in_precedence_order() -> None:
     bad = order(qty=-1.0)
     assert check(rc, bad, draining=True, kill=1, state=schema.CTRL_PAUSED) == "draining"
     assert check(rc, bad, kill=1, state=schema.CTRL_PAUSED) == "kill_switch"
-    assert check(rc, order(), kill=2) == "kill_switch"
+    assert check(rc, order(), kill=2) == "halted"  # an automatic halt (daily loss)
     assert check(rc, bad, state=schema.CTRL_PAUSED) == "paused"
     assert check(rc, order(), state=schema.CTRL_KILLED) == "paused"
     assert check(rc, bad) == "bad_order"
