@@ -36,6 +36,7 @@ REGISTRY: Final[list[tuple[str, str]]] = [
     ("market_data", "benchmarks.market_data"),
     ("features", "benchmarks.features"),
     ("inference", "benchmarks.inference"),
+    ("kill_switch", "benchmarks.kill_switch"),
 ]
 
 _COLUMNS: Final = (

@@ -115,10 +115,18 @@ def cmd_control(args: argparse.Namespace) -> int:
         ctl[CTL_STATE] = schema.CTRL_PAUSED
     elif args.cmd == "resume":
         ctl[CTL_STATE] = schema.CTRL_RUNNING
+    from shm.idle import wake
+    from stages.wiring import bell_id
+
+    for role in ("risk", "route"):  # act now, not at their next timed wake-up
+        wake(ns, bell_id(role))
     state = {schema.CTRL_RUNNING: "running", schema.CTRL_PAUSED: "paused"}.get(
         int(ctl[CTL_STATE]), "?"
     )
-    kill = {0: "off", 1: "on (manual)", 2: "on (daily loss limit)"}.get(int(ctl[CTL_KILL]), "on")
+    from stages.riskengine import halt_reason, reason_name
+
+    k = int(ctl[CTL_KILL])
+    kill = f"on ({reason_name(halt_reason(k)).replace('_', ' ')})" if k else "off"
     print(f"namespace {ns}: trading {state}, kill switch {kill}")
     return 0
 

@@ -93,6 +93,23 @@ class BackoffIdle:
         self._sleep_s = min(self._sleep_s * 2, self._max_s)
 
 
+def wake(namespace: str, bell_id: int) -> bool:
+    """Post a stage's doorbell so a stage asleep in ``block`` wakes now; False if it has none.
+
+    For the control plane: a flag flipped in the control block (kill switch, pause) is seen at
+    once instead of at the stage's next timed wake-up.
+    """
+    try:
+        sem = posix_ipc.Semaphore(doorbell_name(namespace, bell_id))
+    except posix_ipc.ExistentialError:
+        return False
+    try:
+        sem.release()
+    finally:
+        sem.close()
+    return True
+
+
 class BlockIdle:
     """Spin briefly, then sleep on the stage's doorbell semaphore until a writer posts it."""
 
