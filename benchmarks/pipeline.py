@@ -40,6 +40,7 @@ def _config(tmp: Path, ns: str, rate_per_symbol: float) -> Path:
         "engine": {"namespace": ns},
         "ops": {"metrics_port": free_port()},
         "feed": {"updates_per_sec": rate_per_symbol},
+        "paper": {"journal_path": str(tmp / f"{ns}.sqlite")},  # a fresh book every run
     }
     path = tmp / f"{ns}.toml"
     path.write_text(config.variant_text(overrides))

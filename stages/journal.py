@@ -130,7 +130,8 @@ Recovery algorithm
      journal them with ``fill`` (idempotent: those already journaled return False; apply
      the ones that return True), then ``order_canceled(..., reason)`` unless the fills
      completed it, and publish the outcome to route. The paper exchange dies with the
-     process: all its orders are gone, and nothing filled after the crash.
+     process and nothing filled after the crash; the risk stage does not reconcile it but
+     puts every open order back into the new exchange (``stages.risk``, "Restart").
    - ``short``: the venue's leaves are below our remaining qty: fills we missed; fetch and
      journal them as for ``gone``.
    - ``long``: the venue's leaves exceed our remaining qty: we journaled fills the venue
@@ -530,6 +531,39 @@ class Journal:
                 raise _refuse_corrupt(self.path, "; ".join(str(b) for b in bad[:5]))
         return int(created)
 
+    @classmethod
+    def read_only(cls, path: str | Path) -> Journal:
+        """Open an existing journal for reading only (inspection, tests): ``rebuild`` and the
+        other reads work, every write raises. Refused (``JournalError``) while a risk stage
+        holds the file (its exclusive lock); fine once that process is gone, even killed."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.synchronous = ""
+        self.exclusive = False
+        self._batch_depth = 0
+        if not self.path.is_file():
+            raise JournalError(f"journal {self.path} does not exist")
+        conn = sqlite3.connect(
+            f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            row = conn.execute("SELECT version, created_ns FROM schema_version").fetchone()
+            if row is None or row[0] != SCHEMA_VERSION:
+                raise JournalSchemaError(f"journal {self.path}: schema version {row and row[0]}")
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            if getattr(e, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise JournalError(f"journal {self.path} is held by a running risk stage") from e
+            raise JournalError(f"journal {self.path} cannot be read: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+        self.created_ns = int(row[1])
+        self._conn = conn
+        self._x = conn.cursor().execute
+        return self
+
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Close the connection (the last one out checkpoints and removes the -wal file)."""
@@ -673,10 +707,28 @@ class Journal:
         return cur.rowcount == 1
 
     # ------------------------------------------------------------------ reads
-    def highest_order_id(self) -> int:
-        """The largest order id journaled (0 if none)."""
-        row = self._conn.execute("SELECT max(order_id) FROM orders").fetchone()
+    def highest_order_id(self, origin: Origin | None = None) -> int:
+        """The largest order id journaled (0 if none), of one ``origin`` if given (route's ids
+        and the risk stage's own ones come from different ranges)."""
+        if origin is None:
+            row = self._conn.execute("SELECT max(order_id) FROM orders").fetchone()
+        else:
+            row = self._conn.execute(
+                "SELECT max(order_id) FROM orders WHERE origin = ?", (origin,)
+            ).fetchone()
         return int(row[0] or 0)
+
+    def open_fill_counts(self) -> dict[int, int]:
+        """{order_id: fills journaled} of the open orders that have fills: where a restarted
+        paper exchange's fill numbering (``f"{order_id}.{n}"``) carries on."""
+        return {
+            int(oid): int(n)
+            for oid, n in self._conn.execute(
+                "SELECT f.order_id, count(*) FROM fills f JOIN orders o USING (order_id)"
+                f" WHERE o.state IN ({_OPEN}) AND o.filled < o.qty * (1 - {FILL_TOL})"
+                " GROUP BY f.order_id"
+            )
+        }
 
     def rebuild(self, apply_fill: ApplyFill) -> Recovered:
         """Replay every fill through ``apply_fill(symbol_id, side, px, qty, fee)`` in journal

@@ -103,8 +103,23 @@ level subtracted from the book's change first, as here). Rule 3b is its identity
 ``front / (front + back)``. Uniform cancellation is on the optimistic side: in real queues
 the orders behind us, the newer ones, cancel more often than the old ones ahead.
 
+Restoring orders after a restart
+--------------------------------
+The exchange lives in the risk stage's process and dies with it. A restarted stage rebuilds
+its open orders from the journal and puts each resting one back with ``restore``: same id,
+side, price and remaining quantity, no event (the venue acknowledged it long ago), reached
+the book at the ``now_ns`` of the restore (records before it do not touch it). Its queue
+position is lost (it was never journaled: that would cost a write per book) and is estimated
+again exactly as for a new order arriving at that moment (rule 1): from the current book if
+the exchange has one, else "not visible" until the first tradeable book, which sets
+``Q = L =`` the visible size at its price (rule 3b). That is conservative: the queue an order
+has earned is never more than the visible size at its price (``Q <= L`` after every book),
+so starting again at the back of the visible level fills it no earlier than the lost
+position would have; the price moving through it (rules 2a, 3a) still fills it in full.
+
 Helpers for callers and tests: ``queue_ahead(order_id)`` (``Q`` of a resting order),
-``next_arrival_ns()`` (when the next scheduled action reaches the book), ``fees(symbol_id)``.
+``next_arrival_ns()`` (when the next scheduled action reaches the book), ``fees(symbol_id)``,
+``open_ids()`` (resting and on their way), ``open_by_symbol()`` (their count per symbol).
 
 The exchange is a kernel: it reads no clock (callers pass times) and returns events as
 tuples; the risk stage packs and publishes them.
@@ -452,6 +467,19 @@ class PaperExchange:
             )
         return q
 
+    def open_ids(self) -> list[int]:
+        """Ids of our open orders: resting, or on their way to the book."""
+        return [*self.resting, *self._inflight]
+
+    def open_by_symbol(self) -> dict[int, int]:
+        """The number of open orders (resting or on their way) per symbol that has any."""
+        out: dict[int, int] = {}
+        for o in self.resting.values():
+            out[o.symbol_id] = out.get(o.symbol_id, 0) + 1
+        for a in self._inflight.values():
+            out[a.symbol_id] = out.get(a.symbol_id, 0) + 1
+        return out
+
     def queue_ahead(self, order_id: int) -> float | None:
         """The queue ahead of a resting order (None: not resting)."""
         o = self.resting.get(order_id)
@@ -594,6 +622,42 @@ class PaperExchange:
             o.level = lv
             o.queue = 0.0 if crosses else (lv if lv >= 0 else math.inf)
             self.resting[order_id] = o
+
+    def restore(
+        self,
+        *,
+        order_id: int,
+        symbol_id: int,
+        side: int,
+        px: float,
+        leaves: float,
+        recv_ns: int,
+        now_ns: int,
+    ) -> None:
+        """Put back a resting order a restart lost (see "Restoring orders after a restart"):
+        no event, the queue estimated again as for an order reaching the book at ``now_ns``."""
+        if not 0 <= symbol_id < self.n_symbols:
+            raise ValueError(f"symbol_id {symbol_id} out of range [0, {self.n_symbols})")
+        if side not in (1, -1) or not (leaves > 0 and px > 0):
+            raise ValueError(f"order {order_id}: bad side, price or quantity to restore")
+        if order_id in self.resting or order_id in self._inflight:
+            raise ValueError(f"order {order_id} is already open")
+        o = Resting(order_id, symbol_id, side, px, leaves, recv_ns, arrive_ns=now_ns)
+        lv = -1.0
+        if self.has_book[symbol_id]:
+            b = self.books[symbol_id]
+            key = "bid" if side > 0 else "ask"
+            lv = _level_size(
+                b[f"{key}_px"].tolist(),
+                b[f"{key}_sz"].tolist(),
+                int(b[f"n_{key}"]),
+                side,
+                px,
+                o.eps,
+            )
+        o.level = lv
+        o.queue = lv if lv >= 0 else math.inf
+        self.resting[order_id] = o
 
     def cancel(
         self, order_id: int, *, recv_ns: int, out: list[EventTuple], now_ns: int | None = None

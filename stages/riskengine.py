@@ -16,7 +16,8 @@ Trading state machine (one per engine), with a reason code from ``REASONS``:
   order once; while it holds every new order is rejected: ``kill_switch`` when the halt is
   manual, ``halted`` when a trigger tripped it. Only a manual reset leaves it; the triggers
   are evaluated again right after, so a cause that still holds (a daily loss still below the
-  limit) halts again at once.
+  limit) halts again at once. The UTC midnight rollover does not clear a daily-loss halt: it
+  only moves ``day_base``, so after a reset the new day's PnL starts from zero.
 - REDUCING: only orders that shrink an existing position without flipping it are accepted
   (counting resting orders on the same side as if filled); any other is rejected
   ``reduce_only``. Entering it cancels every resting order that would grow a position (a
@@ -33,17 +34,24 @@ Trading state machine (one per engine), with a reason code from ``REASONS``:
   for it). The symbol is released when its position is flat. While any symbol is being
   reduced, the published reason of an ACTIVE engine is ``holding_time``. A position's clock
   starts when it opens or flips; a restarted risk stage restarts the clocks of the positions
-  it loads (shared memory has no field for the opening time).
+  it loads (neither shared memory nor the journal keeps the opening time).
 
 Triggers (``evaluate``, run by the stage on every pass, over positions at the current mids):
 
-    pnl      = sum(realised) + sum(q_s * (mid_s - avg_s))
+    pnl      = sum(realised) + sum(funding) + sum(q_s * (mid_s - avg_s))   (realised is net
+               of fees; all of it since the journal began)
+    daily    = pnl - day_base        (day_base: pnl at the last UTC midnight, set by the stage)
     equity   = account_equity_usd + pnl
     gross    = sum |q_s| * mid_s                     (average price where there is no mid)
-    daily_loss:    pnl < -max_loss_per_day                                      -> HALTED
+    daily_loss:    daily < -max_loss_per_day                                    -> HALTED
     concentration: max_s |q_s| * mid_s > max_concentration * max(gross, equity)  -> HALTED
     adr_loss:      q_s * (mid_s - avg_s) < -adr_loss_multiple * |q_s| * ADR_s   -> HALTED
     leverage:      gross / equity > max_leverage  (equity <= 0 counts as over)  -> REDUCING
+
+A symbol without a book yet is priced at its last mid (``last_mark``: from its books, or,
+after a restart, the mark the dead process saved); a position with no price at all holds the
+daily-loss trigger and pre-check back (``unpriced``) rather than judging a PnL it cannot know
+(right after an engine start, until the first books: a few milliseconds).
 
 The concentration denominator is the larger of gross notional and equity: with a gross-only
 denominator one symbol is always at least 1/n of n symbols' gross (so with the simulator's
@@ -76,7 +84,7 @@ Pre-trade checks (``check``), in order; the first that fails names the reject re
         leverage:        that gross > max_leverage * equity
         concentration:   |after| * px > CONCENTRATION_ENTRY * max_concentration
                                             * max(that gross, equity)   (max_concentration < 1)
-    daily_loss: pnl < -max_loss_per_day (the stage then halts the engine)
+    daily_loss: daily < -max_loss_per_day (the stage then halts the engine)
 
 and, after them, in the stage: rate_limited (the venue's token bucket is empty). An order
 rejected earlier never spends a token.
@@ -116,7 +124,7 @@ symbols with a position.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -201,8 +209,14 @@ def reason_name(code: int) -> str:
 # ---------------------------------------------------------------- positions
 @dataclass
 class Positions:
-    """Net position, average price, realised PnL and fees per symbol; ``open`` holds the
-    symbols whose position is not flat (what the aggregates loop over)."""
+    """Net position, average price, realised PnL, fees and funding per symbol; ``open`` holds
+    the symbols whose position is not flat (what the aggregates loop over).
+
+    ``realized`` is the trading PnL net of fees (what the fills made); ``funding`` the funding
+    payments received (+) or paid (-), kept apart so that a rebuild from the journal (fills in
+    journal order, funding per symbol in journal order) reproduces both bit for bit; realised
+    PnL in the money sense is ``realized + funding`` (``realized_total``), which is what the
+    shared-memory ``realized`` field holds."""
 
     n: int = schema.MAX_SYMBOLS
 
@@ -211,9 +225,26 @@ class Positions:
         self.avg_px = [0.0] * self.n
         self.realized = [0.0] * self.n
         self.fees = [0.0] * self.n
+        self.funding = [0.0] * self.n
+        self.funding_total = 0.0  # sum(funding), recomputed when a payment is booked (rare)
         self.volume = [0.0] * self.n
         self.fills = [0] * self.n
         self.open: set[int] = set()
+
+    def apply_funding(self, s: int, amount: float) -> None:
+        """Book a funding payment: + received, - paid (longs pay when the rate is positive)."""
+        self.funding[s] += amount
+        self.funding_total = sum(self.funding)
+
+    def set_funding(self, by_symbol: Mapping[int, float]) -> None:
+        """Take the per-symbol funding totals a journal rebuild summed."""
+        for s, amount in by_symbol.items():
+            self.funding[s] = amount
+        self.funding_total = sum(self.funding)
+
+    def realized_total(self) -> float:
+        """Realised PnL of every symbol: trading net of fees, plus funding."""
+        return sum(self.realized) + self.funding_total
 
     def apply_fill(self, s: int, side: int, px: float, q: float, fee: float) -> None:
         pos, avg = self.qty[s], self.avg_px[s]
@@ -239,23 +270,33 @@ class Positions:
         else:
             self.open.discard(s)
 
+    def row(self, s: int) -> list[float | int]:
+        """[symbol_id, qty, avg_px, realized, fees, funding, fills] of one symbol (for logs)."""
+        q, avg, real, fees, fund = self.qty, self.avg_px, self.realized, self.fees, self.funding
+        return [s, q[s], avg[s], real[s], fees[s], fund[s], self.fills[s]]
+
     def unrealized(self, s: int, mark: float) -> float:
         if self.qty[s] == 0.0 or not mark > 0:
             return 0.0
         return self.qty[s] * (mark - self.avg_px[s])
 
     def load(self, table: np.ndarray) -> None:
+        """Take the positions a shared-memory table holds (its ``realized`` includes funding,
+        which then stays in ``realized``). The risk stage rebuilds from its journal instead."""
         for s, rec in enumerate(table[: self.n].tolist()):
             qty, avg, realized, _unreal, fees, _mark, volume, fills, _open = rec
             self.qty[s], self.avg_px[s], self.realized[s] = qty, avg, realized
             self.fees[s], self.volume[s], self.fills[s] = fees, volume, fills
+        self.funding = [0.0] * self.n
+        self.funding_total = 0.0
         self.open = {s for s, q in enumerate(self.qty) if q}
 
     def store(self, table: np.ndarray, s: int, mark: float, open_orders: int) -> None:
+        """Write symbol ``s`` into a shared-memory table; ``realized`` there includes funding."""
         table[s] = (
             self.qty[s],
             self.avg_px[s],
-            self.realized[s],
+            self.realized[s] + self.funding[s],
             self.unrealized(s, mark),
             self.fees[s],
             mark,
@@ -349,6 +390,13 @@ class VenueLimiter:
 
 
 # ---------------------------------------------------------------- the engine
+# before_new(order_id, symbol_id, side, qty, px, style, tif), before_cancel(order_id): called
+# right before the engine hands an order or a cancel of its own to the venue (the stage
+# journals it there: write first, then act)
+BeforeNew = Callable[[int, int, int, float, float, int, int], None]
+BeforeCancel = Callable[[int], None]
+
+
 class RiskChecks:
     """Pre-trade checks, triggers, the trading state, breakers and rate limits of one engine."""
 
@@ -361,11 +409,21 @@ class RiskChecks:
         venue_of: Sequence[int] | None = None,
         tick_of: Sequence[float] | None = None,
         first_risk_order_id: int = RISK_ORDER_BIT | 1,
+        before_new: BeforeNew | None = None,
+        before_cancel: BeforeCancel | None = None,
     ) -> None:
         self.cfg = cfg
+        # the stage's journal: told before the engine sends an order or a cancel of its own
+        self.before_new = before_new
+        self.before_cancel = before_cancel
         self.ex = exchange
         self.pos = positions
         n = exchange.n_symbols
+        self.day_base = 0.0  # total PnL at the last UTC midnight: daily PnL = PnL - day_base
+        # each symbol's last mid (from its books; a restarted stage seeds it with the marks the
+        # dead process saved): prices a position while its book has none yet
+        self.last_mark = [math.nan] * n
+        self.unpriced = False  # the last exposure() met a position with no price at all
         self.state = ACTIVE
         self.reason = R_NONE
         self.bars = Bars(n)
@@ -388,31 +446,43 @@ class RiskChecks:
 
     # ------------------------------------------------------------------ aggregates
     def mark(self, s: int) -> float:
+        """The mid, else the last one known (NaN: never priced)."""
         bid, ask = self.ex.best(s)
-        return (bid + ask) * 0.5 if bid > 0 and ask > 0 else math.nan
+        return (bid + ask) * 0.5 if bid > 0 and ask > 0 else self.last_mark[s]
 
     def exposure(self) -> tuple[float, float]:
-        """Return (gross notional, total PnL) at the current mids, in one pass."""
+        """Return (gross notional, total PnL) at the current mids, in one pass; PnL counts
+        realised (net of fees), funding and unrealised since the journal began."""
         qty, avg, best = self.pos.qty, self.pos.avg_px, self.ex.best
         gross = unreal = 0.0
+        unpriced = False
         for s in self.pos.open:
             q = qty[s]
             bid, ask = best(s)
             if bid > 0 and ask > 0:
                 m = (bid + ask) * 0.5
-                unreal += q * (m - avg[s])
-                gross += abs(q) * m
             else:
-                gross += abs(q) * avg[s]
-        return gross, sum(self.pos.realized) + unreal
+                m = self.last_mark[s]
+                if not m > 0:
+                    gross += abs(q) * avg[s]
+                    unpriced = True
+                    continue
+            unreal += q * (m - avg[s])
+            gross += abs(q) * m
+        self.unpriced = unpriced
+        return gross, self.pos.realized_total() + unreal
 
     def gross_notional(self) -> float:
         return self.exposure()[0]
 
     def total_pnl(self) -> tuple[float, float]:
-        """Return (realised, unrealised)."""
-        realized = sum(self.pos.realized)
+        """Return (realised incl. funding, unrealised)."""
+        realized = self.pos.realized_total()
         return realized, self.exposure()[1] - realized
+
+    def daily_pnl(self) -> float:
+        """PnL since the last UTC midnight (what the daily loss limit applies to)."""
+        return self.exposure()[1] - self.day_base
 
     def published(self) -> tuple[int, int]:
         """The (state, reason) to show: an ACTIVE engine reducing a symbol says holding_time."""
@@ -473,7 +543,7 @@ class RiskChecks:
                 gross_after, equity
             ):
                 return _REJ_CONCENTRATION
-        if pnl < -self.cfg.max_loss_per_day:
+        if pnl - self.day_base < -self.cfg.max_loss_per_day and not self.unpriced:
             return _REJ_DAILY_LOSS
         return 0
 
@@ -484,6 +554,7 @@ class RiskChecks:
         if not (bid > 0 and ask > bid):
             return 0
         mid = (bid + ask) * 0.5
+        self.last_mark[s] = mid
         bars = self.bars
         bars.update(s, mid, now_ns)
         cfg = self.cfg
@@ -532,6 +603,9 @@ class RiskChecks:
         self.state = HALTED
         self.reason = reason
         self.holding.clear()
+        if self.before_cancel is not None:
+            for oid in self.ex.open_ids():
+                self.before_cancel(oid)
         self.ex.cancel_all(out=out)
 
     def sync_kill(self, kill: int, out: list[EventTuple]) -> bool:
@@ -558,7 +632,9 @@ class RiskChecks:
         ]
         for o in doomed:
             self.limiter.spend(o.symbol_id, now_ns)
-            self.ex.cancel(o.order_id, recv_ns=o.recv_ns, out=out)
+            if self.before_cancel is not None:
+                self.before_cancel(o.order_id)
+            self.ex.cancel(o.order_id, recv_ns=o.recv_ns, out=out, now_ns=now_ns)
 
     def evaluate(self, now_ns: int, out: list[EventTuple], *, may_trade: bool = True) -> int:
         """Run every trigger over the positions at the current mids; act on what trips.
@@ -574,7 +650,8 @@ class RiskChecks:
         held, sign_of, opened = self._held, self.held_sign, self.opened_ns
         adr_mult = cfg.adr_loss_multiple * ADR_PER_ATR
         gross = unreal = biggest = 0.0
-        adr_hit = False
+        adr_hit = unpriced = False
+        last = self.last_mark
         for s in pos.open:
             q = qty[s]
             sign = 1 if q > 0 else -1
@@ -593,8 +670,12 @@ class RiskChecks:
                     if atr > 0 and u < -adr_mult * abs(q) * atr:
                         adr_hit = True
                 unreal += u
+            elif last[s] > 0:  # no book yet: its last mid
+                n = abs(q) * last[s]
+                unreal += q * (last[s] - avg[s])
             else:
                 n = abs(q) * avg[s]
+                unpriced = True
             gross += n
             if n > biggest:
                 biggest = n
@@ -604,10 +685,10 @@ class RiskChecks:
                 sign_of[s] = 0
                 opened[s] = 0
                 self.holding.discard(s)
-        pnl = sum(pos.realized) + unreal
+        pnl = pos.realized_total() + unreal
         equity = cfg.account_equity_usd + pnl
         reason = R_NONE
-        if pnl < -cfg.max_loss_per_day:
+        if pnl - self.day_base < -cfg.max_loss_per_day and not unpriced:
             reason = R_DAILY_LOSS
         elif biggest > cfg.max_concentration * max(gross, equity):
             reason = R_CONCENTRATION
@@ -637,7 +718,9 @@ class RiskChecks:
         """Cancel every resting order of ``s``: none may fill after its position is closed."""
         for oid in [o.order_id for o in self.ex.resting.values() if o.symbol_id == s]:
             self.limiter.spend(s, now_ns)
-            self.ex.cancel(oid, recv_ns=now_ns, out=out)
+            if self.before_cancel is not None:
+                self.before_cancel(oid)
+            self.ex.cancel(oid, recv_ns=now_ns, out=out, now_ns=now_ns)
 
     def _reduce(self, s: int, now_ns: int, out: list[EventTuple]) -> None:
         """Send an IOC for the whole position of ``s`` against the book (holding time)."""
@@ -665,6 +748,8 @@ class RiskChecks:
         self.next_risk_order_id += 1
         self.risk_orders += 1
         self.limiter.spend(s, now_ns)
+        if self.before_new is not None:
+            self.before_new(oid, s, side, abs(q), px, schema.STYLE_TAKER_NOW, schema.TIF_IOC)
         ex.submit(
             order_id=oid,
             symbol_id=s,

@@ -6,7 +6,7 @@ that a restarted stage resumes from its own cursor.
 
 ```
  ingest ─md_book/md_trade/md_mark─▶ feature ─features─▶ inference ─signals─▶ route ─orders─▶ risk
-    └──────── md_book/md_trade (reader 1) ──────────────────────────────────────────▶ risk
+    └──────── md_book/md_trade/md_mark (reader 1) ──────────────────────────────────▶ risk
                                                        route ◀─events (fills, acks)── risk
 ```
 """
@@ -34,7 +34,8 @@ class RingSpec:
 RINGS: Final = {
     "md_book": RingSpec(schema.BOOK, "md_capacity", "ingest", ("feature", "risk"), ring.LOSSY),
     "md_trade": RingSpec(schema.TRADE, "md_capacity", "ingest", ("feature", "risk"), ring.LOSSY),
-    "md_mark": RingSpec(schema.MARK, "mark_capacity", "ingest", ("feature",), ring.LOSSY),
+    # risk reads marks for funding payments
+    "md_mark": RingSpec(schema.MARK, "mark_capacity", "ingest", ("feature", "risk"), ring.LOSSY),
     "features": RingSpec(
         schema.FEATURES, "features_capacity", "feature", ("inference",), ring.LOSSY
     ),

@@ -29,6 +29,7 @@ def write_config(tmp_path: Path, ns: str, **sections: dict[str, object]) -> Path
     overrides: dict[str, dict[str, object]] = {
         "engine": {"namespace": ns},
         "ops": {"metrics_port": free_port(), "api_port": free_port()},
+        "paper": {"journal_path": str(tmp_path / "journal.sqlite")},  # not the repo's var/
     }
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)

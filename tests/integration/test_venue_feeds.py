@@ -252,6 +252,9 @@ def test_paper_engine_trades_on_the_binance_feed_and_stops_while_it_is_stale(
             },
             gate={"min_edge_bps": 0.5, "min_confidence": 0.1, "max_spread_bps": 50.0},
             route={"min_order_interval_ms": 50},
+            # the replay jumps after the silence, which the extreme-move breaker rightly
+            # pauses for: keep that pause short, this test is about staleness
+            risk={"breaker_pause_s": 1.0},
         )
         (tmp_path / "cache").mkdir()
         proc = start(cfg_path, tmp_path, "--duration", "60")

@@ -354,8 +354,8 @@ def test_reconcile_lists_every_difference():
     assert jr.reconcile([], {}).agrees
 
 
-def test_paper_restart_closes_what_died_with_the_exchange(tmp_path):
-    """The recipe for the paper venue: its resting orders die with the process."""
+def test_a_restart_can_close_what_died_with_the_venue(tmp_path):
+    """The recipe for orders a venue lost (the risk stage restores paper orders instead)."""
     path = tmp_path / "journal.sqlite"
     with Journal(path) as j:
         new(j, 1, qty=2.0)
@@ -372,6 +372,21 @@ def test_paper_restart_closes_what_died_with_the_exchange(tmp_path):
         assert j.rebuild(Positions(n=2).apply_fill).open_orders == ()
         assert pos.qty[0] == 0.5
         assert rec.last_order_id == j.highest_order_id() == 2
+
+
+def test_highest_order_id_per_origin_and_fill_counts_of_open_orders(j):
+    new(j, 5)
+    new(j, 7, qty=2.0)
+    new(j, (1 << 62) | 3, origin="risk")
+    assert j.highest_order_id() == (1 << 62) | 3
+    assert j.highest_order_id("route") == 7
+    assert j.highest_order_id("risk") == (1 << 62) | 3
+    j.fill(5, "5.1", 0, 1, 1.0, 100.0, 0.0, "maker", T0)  # filled: closed
+    j.fill(7, "7.1", 0, 1, 0.5, 100.0, 0.0, "maker", T0)
+    j.fill(7, "7.2", 0, 1, 0.5, 100.0, 0.0, "maker", T0)
+    assert j.open_fill_counts() == {7: 2}  # where the paper fill numbering carries on
+    j.order_canceled(7, T0)
+    assert j.open_fill_counts() == {}
 
 
 # ---------------------------------------------------------------------- day rollover
@@ -647,3 +662,21 @@ def test_sigkill_at_random_moments_loses_nothing_reported(tmp_path):
         last_oid = max(steps, default=0)
         assert last_oid >= max((int(b) for _a, b in lines[1:]), default=0)
     assert last_oid > 0, seed
+
+
+def test_read_only_reads_after_the_writer_is_gone_and_never_writes(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with pytest.raises(JournalError, match="does not exist"):
+        Journal.read_only(path)
+    writer = Journal(path)
+    new(writer, 1, qty=2.0)
+    writer.fill(1, "1.1", 0, 1, 0.5, 100.0, 0.01, "maker", T0)
+    with pytest.raises(JournalError, match="held by a running risk stage"):
+        Journal.read_only(path)  # its exclusive lock
+    writer.close()
+    with Journal.read_only(path) as ro:
+        pos = Positions(n=2)
+        rec = ro.rebuild(pos.apply_fill)
+        assert pos.qty[0] == 0.5 and [o.remaining for o in rec.open_orders] == [1.5]
+        with pytest.raises(sqlite3.OperationalError):
+            ro.order_acked(1, T0)

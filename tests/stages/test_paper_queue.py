@@ -875,3 +875,45 @@ def test_recorded_windows_differ_in_what_moved_the_queue() -> None:
     bid, ask = got["bid"], got["ask"]
     assert bid.queue0 > 10.0 and bid.traded == pytest.approx(bid.queue0, abs=1e-9)
     assert ask.cancelled > 0.9 * ask.queue0 and 0 < ask.traded < 0.1 * ask.queue0
+
+
+# ---------------------------------------------------------------- restoring after a restart
+@MODES
+def test_a_restored_order_rests_silently_and_its_queue_is_estimated_again(mode: str) -> None:
+    sim = Sim(mode, latency_ns=LAT)  # a restarted exchange: no book yet
+    sim.ex.restore(order_id=7, symbol_id=0, side=BUY, px=99.9, leaves=0.6, recv_ns=5, now_ns=1_000)
+    sim.ex.restore(
+        order_id=8, symbol_id=0, side=SELL, px=100.15, leaves=1.0, recv_ns=5, now_ns=1_000
+    )
+    assert sim.ex.open_ids() == [7, 8] and sim.ex.open_by_symbol() == {0: 2}
+    assert sim.q(7) == math.inf, "the old queue position is lost: not known until a book"
+    assert sim.trade(99.9, 50.0, aggressor=SELL, t=1_100) == []
+    assert sim.book(t=900) == [], "a record from before the restore does not touch it"
+    assert sim.q(7) == math.inf
+    assert sim.book(t=1_200) == []
+    assert sim.q(7) == 4.0 and sim.q(8) == 0.0  # the back of the level, as a new arrival
+    assert fills(sim.trade(99.9, 4.5, aggressor=SELL, t=1_300)) == [(7, 99.9, 0.5, 0.1)]
+    assert sim.ex.resting_qty(0, BUY) == pytest.approx(0.1)
+
+
+def test_a_restore_onto_a_known_book_takes_its_queue_from_it_and_refuses_a_duplicate() -> None:
+    sim = Sim()
+    sim.book()
+    sim.ex.restore(order_id=1, symbol_id=0, side=BUY, px=100.0, leaves=1.0, recv_ns=0, now_ns=0)
+    assert sim.q(1) == 3.0
+    with pytest.raises(ValueError, match="already open"):
+        sim.ex.restore(order_id=1, symbol_id=0, side=BUY, px=100.0, leaves=1.0, recv_ns=0, now_ns=0)
+    with pytest.raises(ValueError):
+        sim.ex.restore(order_id=2, symbol_id=0, side=0, px=100.0, leaves=1.0, recv_ns=0, now_ns=0)
+    with pytest.raises(ValueError):
+        sim.ex.restore(order_id=3, symbol_id=9, side=BUY, px=100.0, leaves=1.0, recv_ns=0, now_ns=0)
+
+
+def test_open_ids_and_counts_include_orders_on_their_way() -> None:
+    sim = Sim(latency_ns=LAT, n_symbols=2)
+    sim.book(t=0)
+    sim.submit(1, BUY, 99.9, 1.0, t=0)
+    sim.advance(LAT)
+    sim.submit(2, SELL, 100.2, 1.0, t=LAT, symbol_id=1)
+    assert sorted(sim.ex.open_ids()) == [1, 2]
+    assert sim.ex.open_by_symbol() == {0: 1, 1: 1}

@@ -533,3 +533,86 @@ def test_reducing_cancels_spend_tokens_but_are_never_refused() -> None:
     rc.evaluate(T0, out)
     assert sorted(kinds(out, schema.EV_CANCELED)) == [1, 2, 3]
     assert rc.limiter.tokens[0] == -2.0
+
+
+# ---------------------------------------------------------------- funding, the day, the journal
+def test_funding_is_kept_apart_and_counts_in_pnl_and_the_shared_memory_realized() -> None:
+    pos = Positions(n=4)
+    pos.apply_fill(0, 1, 100.0, 2.0, 0.1)
+    pos.apply_funding(0, -0.02)
+    pos.apply_funding(1, 0.5)
+    assert pos.realized[0] == -0.1 and pos.funding[0] == -0.02
+    assert pos.funding_total == pytest.approx(0.48)
+    assert pos.realized_total() == pytest.approx(-0.1 + 0.48)
+    table = np.zeros(4, schema.POSITION)
+    pos.store(table, 0, 101.0, 0)
+    assert table["realized"][0] == pytest.approx(-0.12)  # trading net of fees, plus funding
+    assert table["fees"][0] == 0.1 and table["unrealized"][0] == pytest.approx(2.0)
+    rebuilt = Positions(n=4)
+    rebuilt.set_funding({0: -0.02, 1: 0.5})
+    assert rebuilt.funding == pos.funding and rebuilt.funding_total == pos.funding_total
+    rc = setup()
+    rc.pos.apply_funding(0, -1_500.0)
+    assert rc.total_pnl()[0] == -1_500.0
+
+
+def test_the_daily_loss_counts_from_the_day_base() -> None:
+    rc = setup(max_loss_per_day=1_000.0)
+    rc.pos.apply_fill(0, 1, 150.0, 21.0, 0.0)  # marked at ~100: -1,050 since the journal began
+    rc.day_base = -500.0  # ... of which -500 before midnight: -550 today
+    assert rc.daily_pnl() == pytest.approx(-550.0, abs=1.0)
+    assert check(rc, order(side=-1, px=100.01)) == "none"
+    assert rc.evaluate(T0, []) == 0 and rc.state == rk.ACTIVE
+    rc.day_base = 0.0
+    assert rc.evaluate(T0, []) == rk.R_DAILY_LOSS
+
+
+def test_a_position_without_a_book_is_priced_at_its_last_mark_or_not_judged() -> None:
+    rc = setup(max_loss_per_day=1_000.0)
+    rc.pos.apply_fill(2, 1, 100.0, 10.0, 0.0)  # symbol 2 has no book
+    rc.day_base = 2_000.0  # a day that began 2,000 up (unrealised at midnight's marks)
+    assert rc.evaluate(T0, []) == 0, "no price at all: the daily loss is not judged on nothing"
+    assert check(rc, order()) == "none" and rc.unpriced
+    rc.last_mark[2] = 120.0  # the mark the dead process saved
+    assert rc.total_pnl()[1] == pytest.approx(200.0)
+    assert rc.mark(2) == 120.0
+    assert rc.evaluate(T0, []) == rk.R_DAILY_LOSS  # 200 - 2,000: priced, and a real loss
+
+
+def test_the_engine_tells_the_journal_before_it_sends_orders_and_cancels() -> None:
+    log: list[tuple[str, int]] = []
+    ex = PaperExchange(taker_fee_bps=0.0, maker_fee_bps=0.0, n_symbols=4)
+
+    rc = RiskChecks(
+        cfg(max_holding_s=1.0),
+        ex,
+        Positions(n=4),
+        before_new=lambda oid, *_: log.append(("new", oid)),
+        before_cancel=lambda oid: log.append(("cancel", oid)),
+    )
+    submit, cancel = ex.submit, ex.cancel
+
+    def logged_submit(**kw: Any) -> None:
+        log.append(("sent", kw["order_id"]))
+        submit(**kw)
+
+    def logged_cancel(oid: int, **kw: Any) -> bool:
+        log.append(("cancelled", oid))
+        return cancel(oid, **kw)
+
+    ex.submit = logged_submit  # type: ignore[method-assign]
+    ex.cancel = logged_cancel  # type: ignore[method-assign]
+    feed(rc, 100.0, 100.01, T0)
+    rest(rc, 1, side=1)
+    log.clear()
+    rc.pos.apply_fill(0, 1, 100.0, 1.0, 0.0)
+    rc.evaluate(T0, [])  # the clock starts
+    out: list[EventTuple] = []
+    rc.evaluate(T0 + 2 * S, out)  # held too long: cancel the symbol's orders, then an IOC
+    risk_oid = rc.next_risk_order_id - 1
+    assert log[:2] == [("cancel", 1), ("cancelled", 1)]
+    assert log[-2:] == [("new", risk_oid), ("sent", risk_oid)]
+    rest(rc, 2, side=1)
+    log.clear()
+    rc.halt(rk.R_MANUAL, out)  # the kill switch: every open id told, then the mass cancel
+    assert log == [("cancel", 2)] and rc.ex.resting == {}
