@@ -131,8 +131,7 @@ class FeatureState:
         self.mark_px = np.full(n, np.nan)  # latest venue mark price
         self.funding_rate = np.zeros(n)  # latest funding rate per interval
         self.funding_bps = np.full(n, np.nan)  # the same per 8 h, in bps
-        self.fit_x = np.zeros(_FIT_POINTS)  # scratch for the book fits
-        self.fit_y = np.zeros(_FIT_POINTS)
+        self.fit = np.zeros((4, _FIT_POINTS))  # scratch for the book fits
 
 
 class _Window:
@@ -265,9 +264,11 @@ def _fit(xs: np.ndarray, ys: np.ndarray, n: int) -> tuple[float, float]:
 
 
 @njit(cache=True, nogil=True)
-def _book_fits(bk: np.void, mid: float, xs: np.ndarray, ys: np.ndarray, v: np.ndarray) -> None:
-    """Impact curve and depth power law of one book (see the module docstring)."""
+def _book_fits(bk: np.void, mid: float, fit: np.ndarray, v: np.ndarray) -> None:
+    """Impact curve and depth power law of one book (see the module docstring), in one pass
+    over each side: ``fit`` rows 0-1 collect the impact points, rows 2-3 the depth points."""
     n_imp = 0
+    n_dep = 0
     for side in range(2):
         if side == 0:
             px = bk["bid_px"]
@@ -288,35 +289,18 @@ def _book_fits(bk: np.void, mid: float, xs: np.ndarray, ys: np.ndarray, v: np.nd
             s_sum += s
             imp = abs(q / s_sum - mid) / mid * 1e4
             if imp > 0.0:
-                xs[n_imp] = math.log(q / IMPACT_REF_NOTIONAL)
-                ys[n_imp] = math.log(imp)
+                fit[0, n_imp] = math.log(q / IMPACT_REF_NOTIONAL)
+                fit[1, n_imp] = math.log(imp)
                 n_imp += 1
-    a, b = _fit(xs, ys, n_imp)
-    v[F_IMPACT_LOG_A] = a
-    v[F_IMPACT_BETA] = b
-    n_dep = 0
-    for side in range(2):
-        if side == 0:
-            px = bk["bid_px"]
-            sz = bk["bid_sz"]
-            n = min(bk["n_bid"], px.shape[0])  # a count past the record's depth is not trusted
-        else:
-            px = bk["ask_px"]
-            sz = bk["ask_sz"]
-            n = min(bk["n_ask"], px.shape[0])
-        q = 0.0
-        for k in range(n):
-            p = px[k]
-            s = sz[k]
-            if not (s > 0.0 and p > 0.0):
-                continue
-            q += p * s
             d = abs(p - mid) / mid * 1e4
             if d > 0.0:
-                xs[n_dep] = math.log(d)
-                ys[n_dep] = math.log(q)
+                fit[2, n_dep] = math.log(d)
+                fit[3, n_dep] = math.log(q)
                 n_dep += 1
-    a, b = _fit(xs, ys, n_dep)
+    a, b = _fit(fit[0], fit[1], n_imp)
+    v[F_IMPACT_LOG_A] = a
+    v[F_IMPACT_BETA] = b
+    a, b = _fit(fit[2], fit[3], n_dep)
     v[F_DEPTH_LOG_ALPHA] = a
     v[F_DEPTH_BETA] = b
 
@@ -355,8 +339,7 @@ def _compute(
     intensity: np.ndarray,
     last_trade_ns: np.ndarray,
     funding_bps: np.ndarray,
-    fit_x: np.ndarray,
-    fit_y: np.ndarray,
+    fit: np.ndarray,
 ) -> None:
     n_sym = last_mid.shape[0]
     window = returns.shape[1]
@@ -486,7 +469,7 @@ def _compute(
         vq = vw_q_total[s]
         v[F_VWAP_RATIO_BPS] = (mid * vq / vw_pq_total[s] - 1.0) * 1e4 if vq > 0.0 else nan
 
-        _book_fits(bk, mid, fit_x, fit_y, v)
+        _book_fits(bk, mid, fit, v)
 
         lt = last_trade_ns[s]
         if lt:
@@ -544,8 +527,7 @@ def compute_features(books: np.ndarray, state: FeatureState, out: np.ndarray) ->
         state.intensity,
         state.last_trade_ns,
         state.funding_bps,
-        state.fit_x,
-        state.fit_y,
+        state.fit,
     )
 
 

@@ -46,18 +46,16 @@ from numba import njit
 from shm import schema
 from shm.ring import RingReader
 from shm.schema import (  # module globals: numba folds them into the compiled kernel
-    BOOK_UNTRADEABLE,
     F_DEPTH_IMB,
     F_MICRO_DEV_BPS,
     F_OBI,
     F_RVOL_BPS,
     F_SPREAD_BPS,
     SIG_FALLBACK,
-    SIG_UNTRADEABLE,
 )
 from shm.stats import StageStats
 from stages.config import Config, SignalConfig
-from stages.models import ModelSet
+from stages.models import ModelSet, urgency_of, write_signal
 from stages.wiring import Engine
 
 
@@ -86,30 +84,9 @@ def _fallback(
             urgency = 0.0
         else:
             conf = min(abs(score) / wsum, 1.0) if wsum > 0 else 0.0
-            vol_term = min(v[F_RVOL_BPS] / max(spread, 1e-9), 1.0)
-            urgency = 2.0 * (conf - 0.5) + 0.25 * vol_term
-            if not math.isfinite(urgency):
-                urgency = 0.0
-            urgency = min(max(urgency, 0.0), 1.0)
-        o["symbol_id"] = f["symbol_id"]
-        o["seq"] = f["seq"]
-        o["exch_ns"] = f["exch_ns"]
-        o["recv_ns"] = f["recv_ns"]
-        o["ingest_ns"] = f["ingest_ns"]
-        o["feature_ns"] = f["feature_ns"]
-        o["edge_bps"] = edge_scale_bps * score
-        o["confidence"] = conf
-        o["urgency"] = urgency
-        o["direction"] = 1 if score > 0 else (-1 if score < 0 else 0)
-        o["book_flags"] = f["flags"]
-        flags = SIG_FALLBACK
-        if (f["flags"] & BOOK_UNTRADEABLE) != 0 or bad:
-            flags |= SIG_UNTRADEABLE
-        o["flags"] = flags
-        o["mid"] = f["mid"]
-        o["best_bid"] = f["best_bid"]
-        o["best_ask"] = f["best_ask"]
-        o["spread_bps"] = spread
+            urgency = urgency_of(conf, v[F_RVOL_BPS], spread)
+        direction = 1 if score > 0 else (-1 if score < 0 else 0)
+        write_signal(f, o, edge_scale_bps * score, conf, urgency, direction, SIG_FALLBACK, bad)
 
 
 def fallback_signals(fv: np.ndarray, cfg: SignalConfig, out: np.ndarray) -> None:

@@ -277,6 +277,48 @@ def _accumulate(
     return n_ood
 
 
+@njit(cache=True, nogil=True, inline="always")
+def urgency_of(conf: float, rvol_bps: float, spread_bps: float) -> float:
+    """``clip(2 (conf - 0.5) + 0.25 min(1, rvol / spread), 0, 1)``; 0 when not finite."""
+    vol_term = min(rvol_bps / max(spread_bps, 1e-9), 1.0)
+    urgency = 2.0 * (conf - 0.5) + 0.25 * vol_term
+    if not math.isfinite(urgency):
+        return 0.0
+    return min(max(urgency, 0.0), 1.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def write_signal(
+    f: np.void,
+    o: np.void,
+    edge_bps: float,
+    conf: float,
+    urgency: float,
+    direction: int,
+    flags: int,
+    bad: bool,
+) -> None:
+    """Fill SIGNAL ``o`` from feature vector ``f``: the trace, the book and the decision."""
+    o["symbol_id"] = f["symbol_id"]
+    o["seq"] = f["seq"]
+    o["exch_ns"] = f["exch_ns"]
+    o["recv_ns"] = f["recv_ns"]
+    o["ingest_ns"] = f["ingest_ns"]
+    o["feature_ns"] = f["feature_ns"]
+    o["edge_bps"] = edge_bps
+    o["confidence"] = conf
+    o["urgency"] = urgency
+    o["direction"] = direction
+    o["book_flags"] = f["flags"]
+    if (f["flags"] & BOOK_UNTRADEABLE) != 0 or bad:
+        flags |= SIG_UNTRADEABLE
+    o["flags"] = flags
+    o["mid"] = f["mid"]
+    o["best_bid"] = f["best_bid"]
+    o["best_ask"] = f["best_ask"]
+    o["spread_bps"] = f["values"][F_SPREAD_BPS]
+
+
 @njit(cache=True, nogil=True)
 def _finish(
     fv: np.ndarray,
@@ -316,30 +358,8 @@ def _finish(
         else:
             conf = max(p, 1.0 - p)
             direction = 1 if p > 0.5 else (-1 if p < 0.5 else 0)
-            vol_term = min(v[F_RVOL_BPS] / max(spread, 1e-9), 1.0)
-            urgency = 2.0 * (conf - 0.5) + 0.25 * vol_term
-            if not math.isfinite(urgency):
-                urgency = 0.0
-            urgency = min(max(urgency, 0.0), 1.0)
-        o["symbol_id"] = f["symbol_id"]
-        o["seq"] = f["seq"]
-        o["exch_ns"] = f["exch_ns"]
-        o["recv_ns"] = f["recv_ns"]
-        o["ingest_ns"] = f["ingest_ns"]
-        o["feature_ns"] = f["feature_ns"]
-        o["edge_bps"] = edge
-        o["confidence"] = conf
-        o["urgency"] = urgency
-        o["direction"] = direction
-        o["book_flags"] = f["flags"]
-        flags = 0
-        if (f["flags"] & BOOK_UNTRADEABLE) != 0 or bad:
-            flags |= SIG_UNTRADEABLE
-        o["flags"] = flags
-        o["mid"] = f["mid"]
-        o["best_bid"] = f["best_bid"]
-        o["best_ask"] = f["best_ask"]
-        o["spread_bps"] = spread
+            urgency = urgency_of(conf, v[F_RVOL_BPS], spread)
+        write_signal(f, o, edge, conf, urgency, direction, 0, bad)
     return answered
 
 
