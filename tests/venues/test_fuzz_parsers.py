@@ -361,7 +361,7 @@ def binance_verdict(raw: bytes) -> str:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return MAL
-    if b"depthUpdate" in raw:
+    if b'"depthUpdate"' in raw:  # the feed's routing: the quoted name, as on the wire
         return _bn_depth(msg)
     if type(msg) is not dict:
         return MAL
@@ -606,6 +606,17 @@ def test_binance_mutated_real_message(kind: str, data: st.DataObject) -> None:
     if data.draw(st.booleans()):
         source = data.draw(st.sampled_from(_bn_samples()))  # garbage made from another message
     _check_binance_line(pos, data.draw(mutation(source)), source)
+
+
+def test_an_unknown_event_type_is_ignored_not_routed_by_a_substring() -> None:
+    """Found by the fuzzer: ``"e":"ddepthUpdate"`` is no diff (the feed routes on the quoted
+    name) but an event type it does not know, ignored like any other."""
+    pos = _bn_positions()["depthUpdate"][0]
+    source = _bn_lines()[pos][1]
+    raw = source.replace(b'"e":"depthUpdate"', b'"e":"ddepthUpdate"', 1)
+    assert raw != source
+    assert binance_verdict(raw) == IGNORED
+    assert _check_binance_line(pos, Mutation(raw=raw, kind="duplicate"), source) == IGNORED
 
 
 WRONG_VALUES: list[Any] = [
