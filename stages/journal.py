@@ -22,6 +22,26 @@ the venue, and reconciliation closes it; a fill journaled but not yet applied is
 ``rebuild``. The other order (act, then write) would leave orders at the venue that the
 journal does not know about, which nothing on our side can repair.
 
+The write-ahead file: an order without waiting for SQLite
+----------------------------------------------------------
+``order_new_ahead`` and ``cancel_requested_ahead`` (what the risk stage uses between a tick
+and its order) store one 64-byte record in ``<journal>-ahead``, a fixed ring of
+``AHEAD_SLOTS`` records in a shared file map (``AheadLog``), and return: the record is in the
+kernel's page cache, as durable against a kill as a committed NORMAL transaction, and the
+caller acts. The records go into SQLite (``INSERT`` / ``UPDATE`` as ``order_new`` /
+``cancel_requested`` would) at ``flush()`` (the stage calls it at the end of every pass,
+after acting) or first thing in any other write or read, so SQLite never holds an ack or a
+fill of an order it does not have. A kill before the flush leaves them in the file: opening
+the journal replays every record above the header's flushed mark into SQLite, in order,
+before anything else (``replayed``). Why: on this machine a commit costs ~6 us back to back
+but ~140 us when the stage has idled for a few milliseconds (its code and pages are out of
+the caches; SQLite's path is long), and a tick-to-order path waits for it; a record costs
+~2 us, ~50 us cold. What changes: nothing a reader of SQLite sees once the writer has
+flushed or been reopened; a read-only opener (``read_only``) of a journal whose writer was
+killed does not see the orders still in the write-ahead file until the writer reopens it.
+The file belongs to one journal (its ``created_ns`` is in the header): the file of a deleted
+journal is reset, not replayed; a damaged one is refused like a damaged journal.
+
 ``batch()`` groups several writes into one transaction (the ack, fills and expiry one taker
 order causes): nothing in the block is durable before the block exits, so act after the
 ``with``. An exception in the block rolls all of it back.
@@ -162,7 +182,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
+import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -334,6 +357,154 @@ class DuplicateOrder(JournalError):
     """``order_new`` for an order id the journal already has: it was acted on before."""
 
 
+# ---------------------------------------------------------------------- the write-ahead file
+AHEAD_SUFFIX: Final = "-ahead"  # next to the journal's -wal and -shm files
+AHEAD_MAGIC: Final = b"HFTAHEAD"
+AHEAD_VERSION: Final = 1
+AHEAD_SLOTS: Final = 4096  # records in the ring; the stage flushes after every pass
+AHEAD_NEW: Final = 1
+AHEAD_CANCEL: Final = 2
+_ID_END: Final = 1 << 63  # order ids: SQLite's signed 64-bit INTEGER, positive
+_FLUSH_AT: Final = AHEAD_SLOTS // 2  # pending records that force a flush before the next
+_REC: Final = 64  # bytes per record (and the header)
+# header: magic, version, slots, the journal's created_ns, the last seq flushed to SQLite
+_HEAD: Final = struct.Struct("<8sIIqQ")
+_FLUSHED_AT: Final = 24
+# record: seq (stored last; 0 = empty), then the body, which repeats seq at its end
+_SEQ: Final = struct.Struct("<Q")
+# kind side style tif origin, symbol, order id, qty, px, ts, seq
+_BODY: Final = struct.Struct("<BbBBBxxxIxxxxqddqQ")
+_ORIGINS: Final[tuple[Origin, ...]] = ("route", "risk")
+_pack_body, _pack_seq = _BODY.pack_into, _SEQ.pack_into
+
+
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """One record of the write-ahead file: an order or cancel request to put into SQLite."""
+
+    seq: int
+    kind: int
+    order_id: int
+    symbol_id: int
+    side: int
+    qty: float
+    px: float
+    style: int
+    tif: int
+    origin: Origin
+    ts_ns: int
+
+
+class AheadLog:
+    """The journal's write-ahead file: a fixed ring of 64-byte records in a shared file map.
+
+    A record is durable against a process kill when ``write`` returns: the bytes are in the
+    kernel's page cache (the same promise as the journal's ``synchronous=NORMAL``; with
+    ``sync=True`` each record's page is also ``msync``-ed, for FULL). The body is stored
+    first and the sequence number in front of it last, so a record cut short by a kill
+    still shows the number of the record it overwrote (one SQLite holds already: the ring
+    never laps an unflushed record) and is ignored; so is one whose body does not end with
+    its own number. The header keeps the highest sequence number SQLite holds; records above
+    it are replayed into SQLite when the journal is next opened. Two stores, no checksum: the
+    write sits between a tick and its order.
+    """
+
+    def __init__(self, path: Path, journal_created_ns: int, *, sync: bool = False) -> None:
+        self.path = path
+        self.sync = sync
+        size = _REC * (AHEAD_SLOTS + 1)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            have = os.fstat(fd).st_size
+            fresh = have == 0
+            if not fresh and have != size:
+                raise JournalCorrupt(
+                    f"{path} is {have} bytes, a write-ahead file of this version is {size}: "
+                    "it is damaged or from another version; stop, move it aside, and check the "
+                    "journal's open orders against the venue"
+                )
+            if fresh:
+                os.ftruncate(fd, size)
+            self._mm = mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        magic, version, slots, created, flushed = _HEAD.unpack_from(mm, 0)
+        self.reset_from: int | None = None
+        if not fresh and (magic, version, slots) != (AHEAD_MAGIC, AHEAD_VERSION, AHEAD_SLOTS):
+            mm.close()
+            raise JournalCorrupt(
+                f"{path} is not a write-ahead file of this version (magic {magic!r}, version "
+                f"{version}, {slots} slots): move it aside and check the journal's open "
+                "orders against the venue"
+            )
+        if fresh or created != journal_created_ns:
+            # a new file, or one left by a journal that was deleted: nothing in it is ours
+            if not fresh:
+                self.reset_from = created
+            mm[:] = bytes(size)
+            _HEAD.pack_into(mm, 0, AHEAD_MAGIC, AHEAD_VERSION, AHEAD_SLOTS, journal_created_ns, 0)
+            flushed = 0
+        self.flushed = int(flushed)
+        self.seq = max([self.flushed, *(r.seq for r in self.records())])
+
+    def records(self) -> list[Ahead]:
+        """Every intact record in the ring, in sequence order (flushed ones included)."""
+        mm, out = self._mm, []
+        for slot in range(AHEAD_SLOTS):
+            off = _REC * (slot + 1)
+            (seq,) = _SEQ.unpack_from(mm, off)
+            if not seq or seq % AHEAD_SLOTS != slot:
+                continue
+            kind, side, style, tif, origin, sym, oid, qty, px, ts, check = _BODY.unpack_from(
+                mm, off + 8
+            )
+            if check != seq or kind not in (AHEAD_NEW, AHEAD_CANCEL) or origin >= len(_ORIGINS):
+                continue
+            out.append(Ahead(seq, kind, oid, sym, side, qty, px, style, tif, _ORIGINS[origin], ts))
+        out.sort(key=lambda r: r.seq)
+        return out
+
+    def unflushed(self) -> list[Ahead]:
+        return [r for r in self.records() if r.seq > self.flushed]
+
+    def write(
+        self,
+        kind: int,
+        order_id: int,
+        symbol_id: int = 0,
+        side: int = 0,
+        qty: float = 0.0,
+        px: float = 0.0,
+        style: int = 0,
+        tif: int = 0,
+        origin: int = 0,
+        ts_ns: int = 0,
+    ) -> int:
+        """Store one record; durable (against a kill) on return. Returns its sequence number."""
+        seq = self.seq + 1
+        if seq - self.flushed >= AHEAD_SLOTS:
+            raise JournalError(f"{self.path}: {AHEAD_SLOTS} records not flushed to SQLite")
+        off = _REC * (seq % AHEAD_SLOTS + 1)
+        mm = self._mm
+        _pack_body(
+            mm, off + 8, kind, side, style, tif, origin, symbol_id, order_id, qty, px, ts_ns, seq
+        )
+        _pack_seq(mm, off, seq)  # last: the record exists from here
+        if self.sync:
+            page = off - off % mmap.ALLOCATIONGRANULARITY
+            mm.flush(page, mmap.ALLOCATIONGRANULARITY)
+        self.seq = seq
+        return seq
+
+    def mark_flushed(self, seq: int) -> None:
+        """SQLite holds every record up to ``seq`` (called after its commit)."""
+        _SEQ.pack_into(self._mm, _FLUSHED_AT, seq)
+        self.flushed = seq
+
+    def close(self) -> None:
+        self._mm.close()
+
+
 def utc_day(ts_ns: int) -> int:
     """The UTC day number (days since 1970-01-01) of a wall-clock time in ns."""
     return ts_ns // NS_PER_DAY
@@ -484,7 +655,18 @@ class Journal:
             conn.close()
             raise
         self._conn = conn
-        self._x = conn.cursor().execute  # one cursor for every write: no allocation per call
+        self._exec = conn.cursor().execute  # one cursor for every write: no allocation per call
+        self._pending: list[tuple[int, int, tuple[object, ...]]] = []  # (seq, kind, params)
+        self._ahead_commit = 0
+        self.ahead_duplicates = 0  # write-ahead orders SQLite already had (a caller's bug)  # seq SQLite will hold when the open batch commits
+        try:
+            self._ahead: AheadLog | None = AheadLog(
+                Path(f"{self.path}{AHEAD_SUFFIX}"), self.created_ns, sync=sync != "NORMAL"
+            )
+            self.replayed = self._replay()
+        except BaseException:
+            conn.close()
+            raise
 
     def _open(
         self, conn: sqlite3.Connection, exclusive: bool, autocheckpoint: int, verify: bool
@@ -561,13 +743,25 @@ class Journal:
             raise
         self.created_ns = int(row[1])
         self._conn = conn
-        self._x = conn.cursor().execute
+        self._exec = conn.cursor().execute
+        self._pending = []
+        self._ahead_commit = 0
+        self.ahead_duplicates = 0
+        self._ahead = None
+        self.replayed = 0
         return self
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Close the connection (the last one out checkpoints and removes the -wal file)."""
-        self._conn.close()
+        """Flush the write-ahead records, close the connection (the last one out checkpoints
+        and removes the -wal file)."""
+        try:
+            if self._pending:
+                self.flush()
+        finally:
+            self._conn.close()
+            if self._ahead is not None:
+                self._ahead.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -592,17 +786,149 @@ class Journal:
         self._conn.execute("BEGIN IMMEDIATE")
         self._batch_depth = 1
         try:
+            if self._pending:  # the write-ahead records first: later writes may refer to them
+                self._apply_pending()
             yield
         except BaseException:
             self._batch_depth = 0
+            self._ahead_commit = 0
             self._conn.execute("ROLLBACK")
             raise
         self._batch_depth = 0
         self._conn.execute("COMMIT")
+        if self._ahead_commit:
+            self._ahead_mark(self._ahead_commit)
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database file now (off the hot path, when idle)."""
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    # ------------------------------------------------------------------ write-ahead
+    def order_new_ahead(
+        self,
+        order_id: int,
+        symbol_id: int,
+        side: int,
+        qty: float,
+        px: float,
+        style: int,
+        tif: int,
+        ts_ns: int,
+        *,
+        origin: Origin = "route",
+    ) -> None:
+        """``order_new`` through the write-ahead file: journaled (durable against a kill)
+        when this returns, in SQLite at the next ``flush`` or other journal call. The caller
+        must know the id is new (``has_order``): a duplicate is only found at the flush."""
+        ahead = self._writable_ahead()
+        if side != 1 and side != -1:
+            raise ValueError(f"order {order_id} not journaled: side {side} is not 1 or -1")
+        if not 0 < order_id < _ID_END:
+            raise ValueError(f"order {order_id} not journaled: ids are 1 .. 2^63-1")
+        try:
+            seq = ahead.write(
+                AHEAD_NEW, order_id, symbol_id, side, qty, px, style, tif,
+                origin == "risk", ts_ns,
+            )  # fmt: skip
+        except struct.error as e:  # an id or symbol out of range: never acted on
+            raise ValueError(f"order {order_id} not journaled: {e}") from e
+        params = (order_id, symbol_id, side, qty, px, style, tif, origin, ts_ns)
+        self._pending.append((seq, AHEAD_NEW, params))
+
+    def cancel_requested_ahead(self, order_id: int, ts_ns: int) -> None:
+        """``cancel_requested`` through the write-ahead file (as ``order_new_ahead``)."""
+        ahead = self._writable_ahead()
+        if not 0 < order_id < _ID_END:
+            raise ValueError(f"cancel of order {order_id} not journaled: ids are 1 .. 2^63-1")
+        try:
+            seq = ahead.write(AHEAD_CANCEL, order_id, ts_ns=ts_ns)
+        except struct.error as e:
+            raise ValueError(f"cancel of order {order_id} not journaled: {e}") from e
+        self._pending.append((seq, AHEAD_CANCEL, (ts_ns, order_id)))
+
+    @property
+    def pending(self) -> int:
+        """Write-ahead records not in SQLite yet."""
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Put the write-ahead records into SQLite (one transaction); return how many.
+        Order ids SQLite already had are skipped (counted in ``ahead_duplicates``)."""
+        n = len(self._pending)
+        if not n:
+            return 0
+        if self._batch_depth:  # inside a batch: part of its transaction
+            self._apply_pending()
+        else:
+            with self.batch():  # batch() applies them and commits
+                pass
+        return n
+
+    def _writable_ahead(self) -> AheadLog:
+        if self._ahead is None:
+            raise JournalError(f"journal {self.path} is open read-only")
+        if len(self._pending) >= _FLUSH_AT:
+            self.flush()
+        return self._ahead
+
+    def _apply_pending(self) -> None:
+        """Execute the pending records inside the open transaction (``batch`` commits)."""
+        x = self._exec
+        for seq, kind, params in self._pending:
+            if kind == AHEAD_NEW:
+                try:
+                    x(_SQL_NEW, params)
+                except sqlite3.IntegrityError:
+                    self.ahead_duplicates += 1
+            else:
+                x(_SQL_CANCEL_REQ, params)
+            self._ahead_commit = seq
+        self._pending.clear()
+
+    def _ahead_mark(self, seq: int) -> None:
+        if self._ahead is not None:
+            self._ahead.mark_flushed(seq)
+        self._ahead_commit = 0
+
+    def _replay(self) -> int:
+        """Put the write-ahead records a killed writer left behind into SQLite (at open)."""
+        assert self._ahead is not None
+        todo = self._ahead.unflushed()
+        for r in todo:
+            if r.kind == AHEAD_NEW:
+                params: tuple[object, ...] = (
+                    r.order_id, r.symbol_id, r.side, r.qty, r.px, r.style, r.tif, r.origin,
+                    r.ts_ns,
+                )  # fmt: skip
+            else:
+                params = (r.ts_ns, r.order_id)
+            self._pending.append((r.seq, r.kind, params))
+        if todo:
+            self.flush()
+        return len(todo)
+
+    def _x(self, sql: str, params: tuple[object, ...]) -> sqlite3.Cursor:
+        """Execute one write; the write-ahead records go first (in their own transaction)."""
+        if self._pending:
+            self.flush()
+        return self._exec(sql, params)
+
+    def _reading(self) -> sqlite3.Connection:
+        """The connection, for a read or a statement of its own: pending records first."""
+        if self._pending:
+            self.flush()
+        return self._conn
+
+    def has_order(self, order_id: int) -> bool:
+        """The journal has this order id (in SQLite or the write-ahead file)."""
+        if any(k == AHEAD_NEW and p[0] == order_id for _, k, p in self._pending):
+            return True
+        if not 0 <= order_id < 1 << 63:
+            return False
+        return (
+            self._conn.execute("SELECT 1 FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+            is not None
+        )
 
     # ------------------------------------------------------------------ writes
     def order_new(
@@ -624,6 +950,8 @@ class Journal:
         except sqlite3.IntegrityError as e:
             if e.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
                 raise DuplicateOrder(f"order {order_id} is already in {self.path}") from e
+            raise ValueError(f"order {order_id} not journaled: {e}") from e
+        except OverflowError as e:  # an id past SQLite's signed 64 bits
             raise ValueError(f"order {order_id} not journaled: {e}") from e
 
     def order_acked(self, order_id: int, ts_ns: int) -> bool:
@@ -699,7 +1027,7 @@ class Journal:
         False if ``day`` was already closed (the first mark stands); ValueError for a day
         before the last one closed.
         """
-        last = self._conn.execute("SELECT max(day) FROM days").fetchone()[0]
+        last = self._reading().execute("SELECT max(day) FROM days").fetchone()[0]
         if last is not None and day < last:
             raise ValueError(f"day {day} is before the last closed day {last}")
         now = time.time_ns() if ts_ns is None else ts_ns
@@ -710,10 +1038,11 @@ class Journal:
     def highest_order_id(self, origin: Origin | None = None) -> int:
         """The largest order id journaled (0 if none), of one ``origin`` if given (route's ids
         and the risk stage's own ones come from different ranges)."""
+        conn = self._reading()
         if origin is None:
-            row = self._conn.execute("SELECT max(order_id) FROM orders").fetchone()
+            row = conn.execute("SELECT max(order_id) FROM orders").fetchone()
         else:
-            row = self._conn.execute(
+            row = conn.execute(
                 "SELECT max(order_id) FROM orders WHERE origin = ?", (origin,)
             ).fetchone()
         return int(row[0] or 0)
@@ -723,7 +1052,7 @@ class Journal:
         paper exchange's fill numbering (``f"{order_id}.{n}"``) carries on."""
         return {
             int(oid): int(n)
-            for oid, n in self._conn.execute(
+            for oid, n in self._reading().execute(
                 "SELECT f.order_id, count(*) FROM fills f JOIN orders o USING (order_id)"
                 f" WHERE o.state IN ({_OPEN}) AND o.filled < o.qty * (1 - {FILL_TOL})"
                 " GROUP BY f.order_id"
@@ -733,9 +1062,9 @@ class Journal:
     def rebuild(self, apply_fill: ApplyFill) -> Recovered:
         """Replay every fill through ``apply_fill(symbol_id, side, px, qty, fee)`` in journal
         order and return the open orders, fee and funding totals and the day's base."""
-        conn = self._conn
         if self._batch_depth:
             raise JournalError("rebuild inside a batch")
+        conn = self._reading()
         conn.execute("BEGIN")  # one snapshot for all the reads
         try:
             fees: dict[int, float] = {}

@@ -397,7 +397,7 @@ class PaperExchange:
         book later are not touched); None: it touches every resting order."""
         if self._pending and recv_ns is not None:
             self.advance(recv_ns, out)
-        if not self.resting or not sz > 0:
+        if not self.resting or not sz > 0 or not 0.0 < px < math.inf:  # NaN: no print
             return
         gate = _LATEST if recv_ns is None else recv_ns
         stamp = _ALWAYS if recv_ns is None else recv_ns
@@ -470,6 +470,13 @@ class PaperExchange:
     def open_ids(self) -> list[int]:
         """Ids of our open orders: resting, or on their way to the book."""
         return [*self.resting, *self._inflight]
+
+    def open_orders(self) -> list[tuple[int, int, int]]:
+        """(order_id, symbol_id, side) of our open orders: resting, or on their way."""
+        out = [(o.order_id, o.symbol_id, o.side) for o in self.resting.values()]
+        if self._inflight:
+            out += [(a.order_id, a.symbol_id, a.side) for a in self._inflight.values()]
+        return out
 
     def open_by_symbol(self) -> dict[int, int]:
         """The number of open orders (resting or on their way) per symbol that has any."""

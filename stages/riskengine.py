@@ -8,25 +8,32 @@ Trading state machine (one per engine), with a reason code from ``REASONS``:
 
     ACTIVE ──leverage──▶ REDUCING ──leverage <= 0.9 x max_leverage──▶ ACTIVE
     ACTIVE / REDUCING ──daily_loss | concentration | adr_loss | manual──▶ HALTED
-    HALTED ──manual reset (``hft kill --reset`` clears the control block's kill)──▶ ACTIVE
+    HALTED(manual) ──manual reset (``hft kill --reset`` clears the control block's kill)──▶ ACTIVE
+    HALTED(trigger) ──manual reset──▶ REDUCING(same reason) ──its cause gone──▶ ACTIVE
 
 - HALTED is the kill switch. The control block's ``kill`` field holds the halt reason's code
   (1 manual: ``hft kill``; 2 daily_loss; 3 concentration; 4 adr_loss), so route stops sending
   and the reason survives a restart of the risk stage. Entering HALTED cancels every resting
   order once; while it holds every new order is rejected: ``kill_switch`` when the halt is
-  manual, ``halted`` when a trigger tripped it. Only a manual reset leaves it; the triggers
-  are evaluated again right after, so a cause that still holds (a daily loss still below the
-  limit) halts again at once. The UTC midnight rollover does not clear a daily-loss halt: it
-  only moves ``day_base``, so after a reset the new day's PnL starts from zero.
+  manual, ``halted`` when a trigger tripped it. Only a manual reset leaves it. After a
+  trigger's halt the reset leads to REDUCING with the same reason, not to ACTIVE: while the
+  cause holds (a daily loss still below the limit, a position still over the concentration
+  cap) only orders that shrink positions pass, so the operator can work the position down,
+  which a halt that tripped again at once would forbid; that trigger does not halt again
+  while the engine reduces for it (the others do). Once its cause is gone the engine is
+  ACTIVE again (or REDUCING for leverage, if that holds). The UTC midnight rollover does not
+  clear a daily-loss halt: it only moves ``day_base``, so after a reset the new day's PnL
+  starts from zero.
 - REDUCING: only orders that shrink an existing position without flipping it are accepted
   (counting resting orders on the same side as if filled); any other is rejected
-  ``reduce_only``. Entering it cancels every resting order that would grow a position (a
-  flat symbol's orders included). It returns to ACTIVE by itself when leverage has fallen to
+  ``reduce_only``. Entering it cancels every open order (resting, or still on its way to
+  the book) that would grow a position (a flat symbol's orders included). It returns to ACTIVE by itself when leverage has fallen to
   ``LEVERAGE_RESUME`` (0.9) x max_leverage (hysteresis, so a position at the cap does not flap).
 - Holding time does not change the engine's state: a symbol whose position is older than
-  ``max_holding_s`` becomes reduce-only on its own (reject ``reduce_only``), its resting
-  orders are cancelled, and the engine sends an IOC for the whole position against the book
-  itself (limit ``HOLDING_THROUGH_BPS`` through the touch, rounded to the tick away from the
+  ``max_holding_s`` becomes reduce-only on its own (reject ``reduce_only``), its open
+  orders are cancelled, and once none is open any more (a cancel cannot overtake an order on
+  its way: one that reaches the book first may still fill) the engine sends an IOC for the
+  whole position against the book itself (limit ``HOLDING_THROUGH_BPS`` through the touch, rounded to the tick away from the
   touch; retried every ``HOLDING_RETRY_NS`` while anything is left). These orders carry ids
   with ``RISK_ORDER_BIT`` set (route's ids never have it) and go out as ordinary events (fills,
   expiry) counted as orders, so route's position follows them; they are not sent while the engine
@@ -73,16 +80,19 @@ Books are timed by the stage's clock when it reads them (one read's books share 
 Pre-trade checks (``check``), in order; the first that fails names the reject reason:
 
     draining; halted (kill_switch if manual, else halted); paused (the control block's state)
-    malformed order (non-finite or non-positive quantity or limit, bad side, unknown symbol)
+    malformed order (non-finite or non-positive quantity or limit, bad side, unknown symbol,
+                    an id outside 1..2^63-1)
     no book / stale book / crossed book
     circuit_breaker: the symbol is paused
     reduce_only: REDUCING, or the symbol is being reduced for its holding time, and the order
                  (with the resting orders on its side) does not shrink the position
-    when the order grows |position| (resting orders on its side counted as filled), at its limit:
-        symbol_notional: |after| * px > max_notional_per_symbol
-        total_notional:  gross + (|after| - |pos|) * px > max_total_notional
+    when the order grows |position| (resting orders on its side counted as filled), at the
+    highest price it can fill at, ref = its limit for a buy, max(limit, best bid) for a sell
+    (a sell with a low limit fills at the bids):
+        symbol_notional: |after| * ref > max_notional_per_symbol
+        total_notional:  gross + (|after| - |pos|) * ref > max_total_notional
         leverage:        that gross > max_leverage * equity
-        concentration:   |after| * px > CONCENTRATION_ENTRY * max_concentration
+        concentration:   |after| * ref > CONCENTRATION_ENTRY * max_concentration
                                             * max(that gross, equity)   (max_concentration < 1)
     daily_loss: daily < -max_loss_per_day (the stage then halts the engine)
 
@@ -108,13 +118,15 @@ $2.1M (ETH), $0.85M (SOL), $0.72M (DOGE), 1st percentile $0.95M (DOGE), against 
 floor; spreads at most 0.7, 2.9, 6.0 and 2.9 bps against 10; extreme moves over 3 ATR trip 2
 to 3 times a symbol per 30 minutes (its volatility clusters), pausing it 3-5% of the time.
 
-Rate limits (``VenueLimiter``): one token bucket per venue (the symbol table's ``venue``), rate
-max_orders_per_s, burst max_orders_per_s (one second's worth). Route's new orders and cancels
-take a token; a new order finding none is rejected ``rate_limited``; a cancel finding none is
-held by the stage and sent when the bucket refills (refusing it would tell route the order is
-gone while it still rests). The engine's own cancels when it starts REDUCING and its holding-
-time IOCs are never refused but spend a token (the bucket may go down to -burst); the kill
-switch's and the drain's mass cancel neither wait nor spend.
+Rate limits (``VenueLimiter``): per venue (the symbol table's ``venue``), at most
+max_orders_per_s sends in any window of one second (a sliding window of send times: what a
+venue's "N per second" means; a token bucket of one second's burst lets 2N through a window
+that straddles a refill). Below 1/s: one send per 1/rate seconds. Route's new orders and
+cancels take a slot; a new order finding none is rejected ``rate_limited``; a cancel finding
+none is held by the stage and sent when a slot frees (refusing it would tell route the order
+is gone while it still rests). The engine's own cancels when it starts REDUCING and its
+holding-time IOCs are never refused but count in the window; the kill switch's and the
+drain's mass cancel neither wait nor count.
 
 Cost: a check is a few dict/list reads and one pass over the symbols with a position (no
 allocation, no logging); ``on_book`` is O(1) per book; ``evaluate`` is one pass over the
@@ -123,6 +135,7 @@ symbols with a position.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -174,6 +187,8 @@ BAR_NS: Final = 1_000_000_000
 ATR_BARS: Final = 60
 ATR_MIN_BARS: Final = 20
 ADR_PER_ATR: Final = math.sqrt(86_400.0)  # 1 s ATR -> daily range, random-walk scaling
+QTY_REL_TOL: Final = 1e-9  # quantities this close (relative) are equal: partial sums' dust
+_ID_END: Final = 1 << 63  # order ids are positive signed 64-bit (the journal's INTEGER)
 LEVERAGE_RESUME: Final = 0.9  # REDUCING -> ACTIVE at this fraction of max_leverage
 CONCENTRATION_ENTRY: Final = 0.9  # a growing order stays under this fraction of the cap
 HOLDING_THROUGH_BPS: Final = 20.0  # the holding-time IOC's limit, through the touch
@@ -256,7 +271,7 @@ class Positions:
             closing = min(q, abs(pos))
             self.realized[s] += closing * (px - avg) * (1.0 if pos > 0 else -1.0)
             self.qty[s] = pos + side * q
-            if abs(self.qty[s]) < 1e-12:
+            if abs(self.qty[s]) <= QTY_REL_TOL * max(abs(pos), q):  # float dust of the sum
                 self.qty[s] = 0.0
                 self.avg_px[s] = 0.0
             elif q > closing:
@@ -357,36 +372,39 @@ class Bars:
 
 # ---------------------------------------------------------------- rate limits
 class VenueLimiter:
-    """A token bucket per venue: ``rate_per_s`` tokens a second, at most ``rate_per_s`` held."""
+    """At most ``rate_per_s`` sends per venue in any window of one second (below 1/s: one per
+    ``1 / rate_per_s`` seconds): a sliding window of the send times."""
 
     def __init__(self, rate_per_s: float, venue_of: Sequence[int]) -> None:
         self.venue_of = list(venue_of)
         n_venues = max(self.venue_of, default=0) + 1
-        self.cap = max(float(rate_per_s), 1.0)
-        self._per_ns = rate_per_s * 1e-9
-        self.tokens = [self.cap] * n_venues
-        self._last = [-(1 << 62)] * n_venues  # long ago: the first refill fills the bucket
+        rate = float(rate_per_s)
+        self.limit = max(int(rate), 1)
+        self.window_ns = BAR_NS if rate >= 1.0 else round(BAR_NS / max(rate, 1e-9))
+        self.sent: list[collections.deque[int]] = [collections.deque() for _ in range(n_venues)]
 
-    def _venue(self, s: int, now_ns: int) -> int:
-        v = self.venue_of[s] if 0 <= s < len(self.venue_of) else 0
-        dt = now_ns - self._last[v]
-        if dt > 0:
-            self.tokens[v] = min(self.cap, self.tokens[v] + dt * self._per_ns)
-            self._last[v] = now_ns
-        return v
+    def _window(self, s: int, now_ns: int) -> collections.deque[int]:
+        q = self.sent[self.venue_of[s] if 0 <= s < len(self.venue_of) else 0]
+        edge = now_ns - self.window_ns
+        while q and q[0] < edge:  # a send exactly one window ago still counts
+            q.popleft()
+        return q
+
+    def used(self, s: int, now_ns: int) -> int:
+        """Sends of symbol ``s``'s venue in the window ending now."""
+        return len(self._window(s, now_ns))
 
     def take(self, s: int, now_ns: int) -> bool:
-        """Spend a token of symbol ``s``'s venue if there is one; False when the bucket is empty."""
-        v = self._venue(s, now_ns)
-        if self.tokens[v] >= 1.0:
-            self.tokens[v] -= 1.0
+        """Count a send of symbol ``s``'s venue if the window has room; False when it is full."""
+        q = self._window(s, now_ns)
+        if len(q) < self.limit:
+            q.append(now_ns)
             return True
         return False
 
     def spend(self, s: int, now_ns: int) -> None:
-        """Spend a token whatever the bucket holds (the engine's own orders: never refused)."""
-        v = self._venue(s, now_ns)
-        self.tokens[v] = max(self.tokens[v] - 1.0, -self.cap)
+        """Count a send whatever the window holds (the engine's own orders: never refused)."""
+        self._window(s, now_ns).append(now_ns)
 
 
 # ---------------------------------------------------------------- the engine
@@ -440,6 +458,7 @@ class RiskChecks:
         self.next_risk_order_id = first_risk_order_id | RISK_ORDER_BIT
         self.risk_orders = 0
         self._held: set[int] = set()
+        self._cancels_sent: set[int] = set()  # open orders the engine has sent a cancel for
         self._pause_ns = int(cfg.breaker_pause_s * 1e9)
         self._hold_ns = int(cfg.max_holding_s * 1e9)
         self._spread_frac = cfg.wide_spread_bps * 1e-4
@@ -503,6 +522,7 @@ class RiskChecks:
         ex = self.ex
         if (
             s >= ex.n_symbols
+            or not 0 < o.order_id < _ID_END
             or o.side not in (1, -1)
             or not (o.qty > 0 and math.isfinite(o.qty))
             or not (o.px > 0 and math.isfinite(o.px))  # every order carries a limit
@@ -518,11 +538,13 @@ class RiskChecks:
         if self.paused_until[s] > now_ns:
             return _REJ_BREAKER
         side, ref = o.side, o.px
+        if side < 0 and ex.bid[s] > ref:  # a sell fills at the bids, its limit or better
+            ref = ex.bid[s]
         pos = self.pos.qty[s]
         # worst case: this order and every resting order on its side fill
         same_side = o.qty + ex.resting_qty(s, side)
         if (self.state == REDUCING or s in self.holding) and not (
-            pos * side < 0 and same_side <= abs(pos) + 1e-12
+            pos * side < 0 and same_side <= abs(pos) * (1.0 + QTY_REL_TOL)
         ):
             return _REJ_REDUCE
         after = pos + side * same_side
@@ -543,7 +565,11 @@ class RiskChecks:
                 gross_after, equity
             ):
                 return _REJ_CONCENTRATION
-        if pnl - self.day_base < -self.cfg.max_loss_per_day and not self.unpriced:
+        if (
+            pnl - self.day_base < -self.cfg.max_loss_per_day
+            and not self.unpriced
+            and self.reason != R_DAILY_LOSS  # reducing after a reset: reduce-only passed above
+        ):
             return _REJ_DAILY_LOSS
         return 0
 
@@ -618,23 +644,36 @@ class RiskChecks:
             self.reason = halt_reason(kill)  # `hft kill` over an automatic halt: now manual
             return False
         if self.state == HALTED:
-            self.state, self.reason = ACTIVE, R_NONE
+            if self.reason in (R_NONE, R_MANUAL):
+                self.state, self.reason = ACTIVE, R_NONE
+            else:  # a trigger's halt: reduce-only until its cause is gone (evaluate)
+                self.state = REDUCING
             return True
         return False
 
-    def _cancel_growing(self, out: list[EventTuple], now_ns: int, symbol: int = -1) -> None:
-        """Cancel resting orders that would grow their position (of ``symbol`` only if >= 0)."""
-        qty = self.pos.qty
-        doomed = [
-            o
-            for o in self.ex.resting.values()
-            if (symbol < 0 or o.symbol_id == symbol) and o.side * qty[o.symbol_id] >= 0
-        ]
-        for o in doomed:
-            self.limiter.spend(o.symbol_id, now_ns)
+    def _cancel_open(
+        self, out: list[EventTuple], now_ns: int, *, symbol: int = -1, growing: bool = False
+    ) -> int:
+        """Cancel the open orders, resting or on their way, of ``symbol`` (all if < 0; only
+        those that would grow their position if ``growing``); an order whose cancel is on its
+        way already is not cancelled again. Return how many of them are still open."""
+        qty, sent = self.pos.qty, self._cancels_sent
+        live = self.ex.open_orders()
+        if sent:
+            sent.intersection_update([oid for oid, *_ in live])
+        n_open = 0
+        for oid, s, side in live:
+            if (symbol >= 0 and s != symbol) or (growing and side * qty[s] < 0):
+                continue
+            n_open += 1
+            if oid in sent:
+                continue
+            sent.add(oid)
+            self.limiter.spend(s, now_ns)
             if self.before_cancel is not None:
-                self.before_cancel(o.order_id)
-            self.ex.cancel(o.order_id, recv_ns=o.recv_ns, out=out, now_ns=now_ns)
+                self.before_cancel(oid)
+            self.ex.cancel(oid, recv_ns=now_ns, out=out, now_ns=now_ns)
+        return n_open
 
     def evaluate(self, now_ns: int, out: list[EventTuple], *, may_trade: bool = True) -> int:
         """Run every trigger over the positions at the current mids; act on what trips.
@@ -694,33 +733,28 @@ class RiskChecks:
             reason = R_CONCENTRATION
         elif adr_hit:
             reason = R_ADR_LOSS
-        if reason:
+        if reason and not (self.state == REDUCING and reason == self.reason):
             self.halt(reason, out)
             return reason
         over = gross > cfg.max_leverage * equity
         if self.state == ACTIVE and over:
             self.state, self.reason = REDUCING, R_LEVERAGE
-            self._cancel_growing(out, now_ns)
-        elif self.state == REDUCING and gross <= LEVERAGE_RESUME * cfg.max_leverage * equity:
-            self.state, self.reason = ACTIVE, R_NONE
+            self._cancel_open(out, now_ns, growing=True)
+        elif self.state == REDUCING and not reason:
+            if self.reason != R_LEVERAGE and over:  # reset after a halt: leverage holds too
+                self.reason = R_LEVERAGE
+            elif self.reason != R_LEVERAGE or gross <= LEVERAGE_RESUME * cfg.max_leverage * equity:
+                self.state, self.reason = ACTIVE, R_NONE
         if self._hold_ns > 0:
             for s in pos.open:
                 if now_ns - opened[s] > self._hold_ns:
                     if s not in self.holding:
                         self.holding.add(s)
                         self.retry_ns[s] = 0
-                        self._cancel_symbol(s, out, now_ns)
+                        self._cancel_open(out, now_ns, symbol=s)
                     if may_trade and now_ns >= self.retry_ns[s]:
                         self._reduce(s, now_ns, out)
         return 0
-
-    def _cancel_symbol(self, s: int, out: list[EventTuple], now_ns: int) -> None:
-        """Cancel every resting order of ``s``: none may fill after its position is closed."""
-        for oid in [o.order_id for o in self.ex.resting.values() if o.symbol_id == s]:
-            self.limiter.spend(s, now_ns)
-            if self.before_cancel is not None:
-                self.before_cancel(oid)
-            self.ex.cancel(oid, recv_ns=now_ns, out=out, now_ns=now_ns)
 
     def _reduce(self, s: int, now_ns: int, out: list[EventTuple]) -> None:
         """Send an IOC for the whole position of ``s`` against the book (holding time)."""
@@ -737,8 +771,11 @@ class RiskChecks:
         touch = bid if side < 0 else ask
         if not touch > 0:
             return
+        # every open order of s first, reducing ones route placed meanwhile too: one already
+        # on its way may still fill, so the IOC waits until none is open, then takes the rest
+        if self._cancel_open(out, now_ns, symbol=s):
+            return
         self.retry_ns[s] = now_ns + HOLDING_RETRY_NS
-        self._cancel_symbol(s, out, now_ns)  # reducing orders route placed meanwhile too
         through = HOLDING_THROUGH_BPS * 1e-4
         px = touch * (1.0 - through) if side < 0 else touch * (1.0 + through)
         tick = self.tick[s]

@@ -517,9 +517,11 @@ def test_one_writer_at_a_time(j):
 # ---------------------------------------------------------------------- kill -9
 # The child journals orders in a loop and prints each step after the call returns. Three
 # shapes of order, each a fixed sequence of steps (one committed transaction per step):
-#   kind 0: N A F0 F1      new, ack, half filled, filled
-#   kind 1: N A F0 C X     new, ack, half filled, cancel requested, cancelled
+#   kind 0: N A F0 F1      new (write-ahead), ack, half filled, filled
+#   kind 1: N A F0 C X     new, ack, half filled, cancel requested (write-ahead), cancelled
 #   kind 2: B              one batch: new, ack, half and a quarter filled
+# The write-ahead steps are the risk stage's: durable when the call returns, in SQLite at the
+# next write (or, after a kill, when the journal is opened again).
 CHILD = r"""
 import sys, time
 from stages.journal import Journal
@@ -540,7 +542,11 @@ while True:
             j.fill(oid, f"{oid}.1", s, side, qty / 4, px, 0.001 * oid, "maker", ts)
         print("B", oid, flush=True)
         continue
-    j.order_new(oid, s, side, qty, px, 2, 2, ts); print("N", oid, flush=True)
+    if kind == 0:
+        j.order_new_ahead(oid, s, side, qty, px, 2, 2, ts)
+    else:
+        j.order_new(oid, s, side, qty, px, 2, 2, ts)
+    print("N", oid, flush=True)
     j.order_acked(oid, ts); print("A", oid, flush=True)
     j.fill(oid, f"{oid}.0", s, side, qty / 2, px, 0.001 * oid, "maker", ts)
     print("F0", oid, flush=True)
@@ -548,7 +554,7 @@ while True:
         j.fill(oid, f"{oid}.1", s, side, qty / 2, px, 0.001 * oid, "maker", ts)
         print("F1", oid, flush=True)
     else:
-        j.cancel_requested(oid, ts); print("C", oid, flush=True)
+        j.cancel_requested_ahead(oid, ts); print("C", oid, flush=True)
         j.order_canceled(oid, ts); print("X", oid, flush=True)
 """
 STEPS = {0: ("N", "A", "F0", "F1"), 1: ("N", "A", "F0", "C", "X"), 2: ("B",)}
@@ -680,3 +686,110 @@ def test_read_only_reads_after_the_writer_is_gone_and_never_writes(tmp_path):
         assert pos.qty[0] == 0.5 and [o.remaining for o in rec.open_orders] == [1.5]
         with pytest.raises(sqlite3.OperationalError):
             ro.order_acked(1, T0)
+
+
+# ---------------------------------------------------------------------- the write-ahead file
+def _crash(j: Journal) -> None:
+    """Drop a writer as a kill would: nothing flushed, nothing closed in order."""
+    assert j._ahead is not None
+    j._ahead.close()
+    j._conn.close()
+
+
+def test_write_ahead_records_reach_sqlite_before_any_later_write(j):
+    j.order_new_ahead(1, 0, 1, 2.0, 100.0, 2, 2, 10)
+    j.cancel_requested_ahead(1, 11)
+    assert j.pending == 2 and j.has_order(1) and not j.has_order(2)
+    assert rows(j, "SELECT count(*) FROM orders") == [(0,)]  # not in SQLite yet
+    j.order_acked(1, 12)  # a later write: the records go first, in their order
+    assert j.pending == 0
+    assert rows(j, "SELECT state, new_ns, acked_ns, cancel_ns FROM orders") == [
+        (jr.CANCEL_PENDING, 10, 12, 11)
+    ]
+    j.order_new_ahead(2, 1, -1, 1.0, 50.0, 2, 2, 20, origin="risk")
+    with j.batch():  # a batch takes them into its transaction
+        j.fill(2, "2.1", 1, -1, 1.0, 50.0, 0.01, "taker", 21)
+    assert rows(j, "SELECT order_id, origin, filled FROM orders WHERE order_id = 2") == [
+        (2, "risk", 1.0)
+    ]
+    j.order_new_ahead(3, 0, 1, 1.0, 100.0, 2, 2, 30)
+    assert j.flush() == 1 and j.flush() == 0
+    assert j.highest_order_id() == 3
+
+
+def test_write_ahead_records_a_killed_writer_left_are_replayed_once(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    j.order_new(1, 0, 1, 2.0, 100.0, 2, 2, 10)
+    j.order_new_ahead(2, 0, -1, 3.0, 101.0, 2, 1, 20)
+    j.cancel_requested_ahead(1, 21)
+    _crash(j)
+    with Journal(path) as j2:
+        assert j2.replayed == 2
+        assert rows(j2, "SELECT order_id, side, qty, px, tif, state, cancel_ns FROM orders") == [
+            (1, 1, 2.0, 100.0, 2, jr.CANCEL_PENDING, 21),
+            (2, -1, 3.0, 101.0, 1, jr.NEW, None),
+        ]
+    with Journal(path) as j3:
+        assert j3.replayed == 0  # marked flushed: never twice
+        assert j3.ahead_duplicates == 0
+
+
+def test_a_record_cut_short_by_a_kill_is_ignored(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    j.order_new_ahead(1, 0, 1, 2.0, 100.0, 2, 2, 10)
+    j.order_new_ahead(2, 0, 1, 2.0, 100.0, 2, 2, 11)
+    _crash(j)
+    ahead = Path(f"{path}{jr.AHEAD_SUFFIX}")
+    data = bytearray(ahead.read_bytes())
+    rec2 = 64 * (2 + 1)
+    data[rec2 + 56 : rec2 + 64] = bytes(8)  # the body's copy of its number never written
+    ahead.write_bytes(bytes(data))
+    with Journal(path) as j2:
+        assert j2.replayed == 1
+        assert rows(j2, "SELECT order_id FROM orders") == [(1,)]
+
+
+def test_a_write_ahead_file_of_a_deleted_journal_is_not_replayed(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    j.order_new_ahead(1, 0, 1, 2.0, 100.0, 2, 2, 10)
+    _crash(j)
+    for p in tmp_path.glob("j.sqlite*"):
+        if not p.name.endswith(jr.AHEAD_SUFFIX):
+            p.unlink()  # the operator deleted the journal (to start the positions afresh)
+    time.sleep(0.001)
+    with Journal(path) as j2:
+        assert j2.replayed == 0 and rows(j2, "SELECT count(*) FROM orders") == [(0,)]
+
+
+def test_a_damaged_write_ahead_file_is_refused(tmp_path):
+    path = tmp_path / "j.sqlite"
+    Journal(path).close()
+    Path(f"{path}{jr.AHEAD_SUFFIX}").write_bytes(b"junk")
+    with pytest.raises(JournalCorrupt, match="write-ahead"):
+        Journal(path)
+    Path(f"{path}{jr.AHEAD_SUFFIX}").write_bytes(bytes(64 * (jr.AHEAD_SLOTS + 1)))
+    with pytest.raises(JournalCorrupt, match="not a write-ahead file"):
+        Journal(path)
+
+
+def test_write_ahead_refuses_what_it_cannot_store(j):
+    with pytest.raises(ValueError, match="not journaled"):
+        j.order_new_ahead(1 << 63, 0, 1, 1.0, 100.0, 2, 2, 10)
+    with pytest.raises(ValueError, match="side"):
+        j.order_new_ahead(1, 0, 0, 1.0, 100.0, 2, 2, 10)
+    with pytest.raises(ValueError, match="not journaled"):
+        j.cancel_requested_ahead(-1, 10)
+    assert j.pending == 0
+    with pytest.raises(ValueError, match="not journaled"):
+        j.order_new(1 << 63, 0, 1, 1.0, 100.0, 2, 2, 10)
+
+
+def test_the_ring_never_laps_records_sqlite_does_not_hold(j):
+    for oid in range(1, jr.AHEAD_SLOTS + 10):
+        j.order_new_ahead(oid, 0, 1, 1.0, 100.0, 2, 2, oid)
+    assert j.pending < jr.AHEAD_SLOTS
+    j.flush()
+    assert rows(j, "SELECT count(*) FROM orders") == [(jr.AHEAD_SLOTS + 9,)]

@@ -236,6 +236,15 @@ def test_resting_buy_fills_in_full_on_a_print_through_its_price() -> None:
     assert ex.resting == {}
 
 
+@pytest.mark.parametrize("px", [math.nan, math.inf, -1.0, 0.0])
+def test_a_print_without_a_real_price_fills_nothing(px: float) -> None:
+    ex = exchange()
+    submit(ex, 11, schema.SIDE_BUY, schema.TIF_POST_ONLY, 100.0, 1.0)
+    out: list[EventTuple] = []
+    ex.on_trade(0, px, 5.0, out, aggressor=schema.SIDE_SELL)
+    assert out == [] and ex.queue_ahead(11) == 1.0
+
+
 def test_resting_buy_filled_at_its_price_when_the_ask_gaps_below() -> None:
     ex = exchange()
     submit(ex, 12, schema.SIDE_BUY, schema.TIF_POST_ONLY, 100.0, 1.5)

@@ -50,9 +50,14 @@ def make_agent(eng: Engine, cfg: config.Config = QUIET, *, latency_ms: float = 0
 
 
 def kill(agent: RiskAgent) -> None:
-    """What kill -9 leaves: no on_close (nothing more written to shared memory), and the
-    journal's lock released by the OS (its committed transactions stay)."""
-    agent.journal.close()
+    """What kill -9 leaves: no on_close (nothing more written to shared memory), the journal's
+    lock released by the OS (its committed transactions stay), and write-ahead records not
+    flushed into SQLite left in the write-ahead file."""
+    j = agent.journal
+    j._pending.clear()  # the process's memory: gone
+    if j._ahead is not None:
+        j._ahead.close()
+    j._conn.close()
 
 
 def jrows(j: Journal, sql: str) -> list[tuple]:
@@ -285,7 +290,7 @@ def test_rate_limit_rejects_new_orders_and_holds_cancels_until_a_token(eng):
     agent.do_work()
     assert len(events(eng)) == 0, "held, not refused: route would forget a resting order"
     assert risk_ints(eng)[schema.C_RATE_LIMITED] == 2
-    time.sleep(0.4)  # > 1 / 3 s: a token
+    time.sleep(1.05)  # the sends left the 1 s window: a slot
     agent.do_work()
     assert by_kind(events(eng), schema.EV_CANCELED) == [1]
 
@@ -445,6 +450,7 @@ def test_an_order_journaled_but_never_sent_is_sent_by_the_restarted_stage(eng):
     kill(agent)
     assert len(events(eng)) == 0, "nothing reported"
     again = make_agent(eng)
+    assert again.journal.replayed == 1, "the order was in the write-ahead file only"
     assert list(again.exchange.resting) == [20], "journaled NEW: treated as sent"
     assert by_kind(events(eng), schema.EV_ACK) == [20]
     again.do_work()  # the order is read again from the ring: not sent a second time
@@ -753,3 +759,27 @@ def test_rebuild_positions_matches_the_live_ones(eng):
         agent.positions.fees,
     )
     assert rec.n_fills == 4 and rec.open_orders == ()
+
+
+def test_trades_and_books_reach_an_order_on_its_way_in_time_order(eng):
+    """Review finding: a pass's trades went in before its books, so an IOC on its way met the
+    book of before a later print, not the book of its arrival."""
+    agent = make_agent(eng, latency_ms=1.0)
+    eng.writer("md_book").offer_array(book(100.0, 101.0, size=5.0))
+    agent.do_work()
+    send_order(eng, 10, side=1, qty=1.0, px=101.0, tif=schema.TIF_IOC)
+    agent.do_work()
+    arrive = agent.exchange.next_arrival_ns()
+    assert arrive is not None
+    moved = book(104.0, 105.0, size=5.0)  # the ask left the limit before the IOC arrived
+    moved["recv_ns"] = arrive - 500_000
+    late = trade(104.0, 0.1, aggressor=-1)
+    late["recv_ns"] = arrive + 10_000
+    eng.writer("md_book").offer_array(moved)
+    eng.writer("md_trade").offer_array(late)
+    while time.monotonic_ns() < arrive + 20_000:
+        time.sleep(0.0002)
+    agent.do_work()
+    ev = events(eng)
+    assert by_kind(ev, schema.EV_FILL) == [] and by_kind(ev, schema.EV_EXPIRED) == [10]
+    assert agent.positions.qty[0] == 0.0

@@ -186,23 +186,56 @@ def test_the_daily_loss_precheck_names_the_reason_before_the_state_does() -> Non
     assert check(rc, order(side=-1, px=100.01)) == "daily_loss"
 
 
-def test_manual_reset_returns_to_active_and_a_cause_still_there_halts_again() -> None:
+def test_reset_after_a_daily_loss_halt_reduces_until_the_loss_is_back_within_the_limit() -> None:
     rc = setup(max_loss_per_day=1_000.0)
     rc.pos.apply_fill(0, 1, 150.0, 21.0, 0.0)
     out: list[EventTuple] = []
     assert rc.evaluate(T0, out) == rk.R_DAILY_LOSS
     assert rc.sync_kill(0, out)  # hft kill --reset
-    assert (rc.state, rc.reason) == (rk.ACTIVE, rk.R_NONE)
-    assert rc.evaluate(T0 + S, out) == rk.R_DAILY_LOSS
-    assert rc.state == rk.HALTED
-    # the loss taken back (flattened at a gain elsewhere): a reset sticks
+    assert (rc.state, rc.reason) == (rk.REDUCING, rk.R_DAILY_LOSS)
+    # the cause still holds: reduce-only, and the same trigger does not halt again
+    assert rc.evaluate(T0 + S, out) == 0
+    assert (rc.state, rc.reason) == (rk.REDUCING, rk.R_DAILY_LOSS)
+    assert check(rc, order()) == "reduce_only"
+    assert check(rc, order(side=-1, px=100.0, qty=21.0)) == "none", "closing it must pass"
+    # the loss taken back (flattened at a gain elsewhere): ACTIVE again
     rc.pos.apply_fill(0, -1, 100.0, 21.0, 0.0)
     rc.pos.apply_fill(1, 1, 50.0, 100.0, 0.0)
     rc.pos.apply_fill(1, -1, 70.0, 100.0, 0.0)
-    assert rc.sync_kill(0, out)
     assert rc.evaluate(T0 + 2 * S, out) == 0
-    assert rc.state == rk.ACTIVE
+    assert (rc.state, rc.reason) == (rk.ACTIVE, rk.R_NONE)
     assert check(rc, order()) == "none"
+
+
+def test_reset_after_a_concentration_halt_lets_the_position_be_worked_down() -> None:
+    """Review finding: a halt whose cause only an order can cure tripped again on every reset."""
+    rc = setup(max_concentration=0.25, account_equity_usd=100_000.0)
+    rc.pos.apply_fill(0, 1, 100.0, 300.0, 0.0)  # $30k of $100k equity: over 25%
+    out: list[EventTuple] = []
+    assert rc.evaluate(T0, out) == rk.R_CONCENTRATION
+    assert check(rc, order(side=-1, px=100.0, qty=100.0)) == "halted"
+    assert rc.sync_kill(0, out)
+    assert rc.evaluate(T0 + 1, out) == 0, "the same cause must not halt again at once"
+    assert (rc.state, rc.reason) == (rk.REDUCING, rk.R_CONCENTRATION)
+    assert check(rc, order(side=1, px=100.0, qty=1.0)) == "reduce_only"
+    assert check(rc, order(side=-1, px=100.0, qty=100.0)) == "none"
+    rc.pos.apply_fill(0, -1, 100.0, 100.0, 0.0)  # down to $20k: under the cap
+    assert rc.evaluate(T0 + 2, out) == 0
+    assert (rc.state, rc.reason) == (rk.ACTIVE, rk.R_NONE)
+
+
+def test_a_manual_halt_resets_to_active_and_an_automatic_one_during_reducing_halts() -> None:
+    rc = setup(max_loss_per_day=1_000.0, max_concentration=0.25, account_equity_usd=100_000.0)
+    out: list[EventTuple] = []
+    rc.sync_kill(rk.R_MANUAL, out)
+    assert rc.sync_kill(0, out)
+    assert (rc.state, rc.reason) == (rk.ACTIVE, rk.R_NONE)
+    rc.pos.apply_fill(0, 1, 100.0, 300.0, 0.0)
+    assert rc.evaluate(T0, out) == rk.R_CONCENTRATION
+    rc.sync_kill(0, out)
+    rc.pos.apply_fill(1, 1, 80.0, 50.0, 0.0)  # marked at 50: -1,500 today, over the limit
+    assert rc.evaluate(T0 + 1, out) == rk.R_DAILY_LOSS
+    assert (rc.state, rc.reason) == (rk.HALTED, rk.R_DAILY_LOSS)
 
 
 def test_manual_kill_cancels_every_resting_order_blocks_new_ones_until_reset() -> None:
@@ -507,32 +540,49 @@ def test_circuit_breaker_comes_after_the_book_checks_and_before_the_limits() -> 
 
 
 # ---------------------------------------------------------------- rate limits
-def test_venue_token_bucket() -> None:
+def test_venue_rate_limit_is_a_sliding_one_second_window() -> None:
     lim = VenueLimiter(5.0, [0, 0, 1])
     assert all(lim.take(0, T0) for _ in range(5))
     assert not lim.take(1, T0), "symbols 0 and 1 share a venue"
-    assert lim.take(2, T0), "another venue has its own bucket"
-    assert not lim.take(0, T0 + S // 10)  # 0.5 of a token
-    assert lim.take(0, T0 + S // 5)  # 1 token back
-    assert not lim.take(0, T0 + S // 5)
-    assert sum(lim.take(0, T0 + 10 * S) for _ in range(10)) == 5  # never more than a burst
+    assert lim.take(2, T0), "another venue has its own window"
+    assert not lim.take(0, T0 + S // 2)
+    assert not lim.take(0, T0 + S), "a send exactly one second ago still counts"
+    assert lim.take(0, T0 + S + 1)
+    assert sum(lim.take(0, T0 + 10 * S) for _ in range(10)) == 5
     for _ in range(20):
-        lim.spend(0, T0 + 10 * S)  # the engine's own orders: never refused
-    assert lim.tokens[0] == -5.0
-    assert not lim.take(0, T0 + 11 * S)  # back to 0 only
-    assert lim.take(0, T0 + 11 * S + S // 5)
+        lim.spend(0, T0 + 10 * S)  # the engine's own orders: never refused, but they count
+    assert lim.used(0, T0 + 10 * S) == 25
+    assert not lim.take(0, T0 + 11 * S)
+    assert lim.take(0, T0 + 11 * S + 1)
+    slow = VenueLimiter(0.5, [0])
+    assert slow.take(0, T0) and not slow.take(0, T0 + S + S // 2) and slow.take(0, T0 + 2 * S + 1)
+
+
+def test_no_one_second_window_holds_more_than_the_rate() -> None:
+    """Review finding: a bucket holding one second's burst let 2x the rate through a window."""
+    lim = VenueLimiter(20.0, [0])
+    sent: list[int] = []
+    t = T0
+    for _ in range(4_000):  # a greedy sender trying every 7 ms
+        if lim.take(0, t):
+            sent.append(t)
+        t += 7_000_000
+    arr = np.array(sent)
+    most = max(int(np.searchsorted(arr, x + S, side="right") - i) for i, x in enumerate(arr))
+    assert most == 20
+    assert len(sent) >= 20 * (t - T0) // S - 20  # and the rate is used, not starved
 
 
 def test_reducing_cancels_spend_tokens_but_are_never_refused() -> None:
     rc = setup(account_equity_usd=100_000.0, max_leverage=3.0, max_orders_per_s=2.0)
     for oid in (1, 2, 3):
         rest(rc, oid, side=1, px=99.0 - oid)
-    assert rc.limiter.take(0, T0) and rc.limiter.take(0, T0)  # the bucket is empty
+    assert rc.limiter.take(0, T0) and rc.limiter.take(0, T0)  # the window is full
     rc.pos.apply_fill(0, 1, 100.0, 3_100.0, 0.0)
     out: list[EventTuple] = []
     rc.evaluate(T0, out)
     assert sorted(kinds(out, schema.EV_CANCELED)) == [1, 2, 3]
-    assert rc.limiter.tokens[0] == -2.0
+    assert rc.limiter.used(0, T0) == 5  # counted, not refused
 
 
 # ---------------------------------------------------------------- funding, the day, the journal
@@ -616,3 +666,90 @@ def test_the_engine_tells_the_journal_before_it_sends_orders_and_cancels() -> No
     log.clear()
     rc.halt(rk.R_MANUAL, out)  # the kill switch: every open id told, then the mass cancel
     assert log == [("cancel", 2)] and rc.ex.resting == {}
+
+
+# ---------------------------------------------------------------- review findings (latency, edges)
+LAT = 1_000_000  # 1 ms order-entry latency, the [paper] default
+
+
+def setup_latency(**kw: Any) -> RiskChecks:
+    ex = PaperExchange(taker_fee_bps=0.0, maker_fee_bps=0.0, n_symbols=4, latency_ns=LAT)
+    rc = RiskChecks(cfg(**kw), ex, Positions(n=4), venue_of=[0, 0, 1, 1])
+    rec = book(100.0, 100.01)
+    rec["recv_ns"] = T0
+    ex.on_books(rec, [])
+    rc.on_books(rec, T0)
+    return rc
+
+
+def test_a_sell_with_a_low_limit_is_sized_at_the_bids_it_will_take() -> None:
+    rc = setup(max_notional_per_symbol=10_000.0)
+    assert check(rc, order(side=1, px=100.1, qty=1_000.0)) == "symbol_notional"
+    # fills at ~100 (the bids), not at its limit of 1: $100k, ten times the cap
+    assert check(rc, order(side=-1, px=1.0, qty=1_000.0)) == "symbol_notional"
+    assert check(rc, order(side=-1, px=1.0, qty=99.0)) == "none"
+
+
+def test_an_order_id_past_signed_64_bits_is_a_bad_order() -> None:
+    rc = setup()
+    assert check(rc, order(order_id=1 << 63)) == "bad_order"
+    assert check(rc, order(order_id=0)) == "bad_order"
+    assert check(rc, order(order_id=(1 << 63) - 1)) == "none"
+
+
+def test_reducing_cancels_growing_orders_still_on_their_way() -> None:
+    rc = setup_latency(account_equity_usd=100_000.0, max_leverage=1.0)
+    rc.pos.apply_fill(0, 1, 100.0, 900.0, 0.0)
+    out: list[EventTuple] = []
+    rc.ex.submit(
+        order_id=7, symbol_id=0, side=1, tif=schema.TIF_POST_ONLY, px=99.0, qty=50.0,
+        recv_ns=T0, out=out, now_ns=T0,
+    )  # fmt: skip
+    assert rc.ex.resting == {} and rc.ex.open_ids() == [7]
+    rc.pos.apply_fill(0, 1, 100.0, 200.0, 0.0)  # over 1x
+    rc.evaluate(T0 + 100, out)
+    assert rc.state == rk.REDUCING
+    rc.ex.advance(T0 + 100 + LAT, out)  # the order rests, then its cancel arrives
+    assert kinds(out, schema.EV_CANCELED) == [7] and rc.ex.resting == {}
+    out.clear()
+    rc.evaluate(T0 + 200, out)  # not cancelled twice
+    assert out == []
+
+
+def test_holding_time_ioc_waits_for_orders_on_their_way_so_the_position_cannot_flip() -> None:
+    rc = setup_latency(max_holding_s=10.0)
+    rc.pos.apply_fill(0, 1, 100.0, 10.0, 0.0)
+    out: list[EventTuple] = []
+    rc.evaluate(T0, out)
+    # route's own closing IOC is on its way when the holding time runs out
+    now = T0 + 11 * S
+    rc.ex.submit(
+        order_id=5, symbol_id=0, side=-1, tif=schema.TIF_IOC, px=99.0, qty=10.0,
+        recv_ns=now, out=out, now_ns=now,
+    )  # fmt: skip
+    rc.evaluate(now, out)
+    assert rc.holding == {0} and rc.risk_orders == 0, "no IOC of its own while one is in flight"
+    rc.ex.advance(now + 2 * LAT, out)
+    apply_fills(rc, out)
+    assert rc.pos.qty[0] == 0.0
+    out.clear()
+    rc.evaluate(now + 3 * LAT, out)
+    assert rc.risk_orders == 0 and rc.pos.qty[0] == 0.0 and rc.holding == set()
+
+
+def test_partial_fills_of_a_large_position_leave_no_float_dust() -> None:
+    pos = Positions(n=1)
+    pos.apply_fill(0, 1, 100.0, 100_000.0, 0.0)
+    for q in (33_333.3, 33_333.3, 33_333.4):
+        pos.apply_fill(0, -1, 100.0, q, 0.0)
+    assert pos.qty[0] == 0.0 and pos.open == set()
+
+
+def test_reduce_only_accepts_the_exact_close_of_a_position_summed_from_partials() -> None:
+    rc = setup(account_equity_usd=1e9, max_notional_per_symbol=1e9, max_total_notional=1e9)
+    for q in (22_735.6, 16_100.8, 23_688.6):
+        rc.pos.apply_fill(0, 1, 100.0, q, 0.0)
+    assert rc.pos.qty[0] != 62_525.0  # float sum: 62524.99999999999
+    rc.state, rc.reason = rk.REDUCING, rk.R_LEVERAGE
+    assert check(rc, order(side=-1, px=100.0, qty=62_525.0)) == "none"
+    assert check(rc, order(side=-1, px=100.0, qty=62_526.0)) == "reduce_only"
