@@ -187,6 +187,7 @@ __all__ = [
 logger = logging.getLogger("stages.risk")
 
 GAUGE_EVERY_NS = 50_000_000
+EVALUATE_EVERY_NS = 10_000_000  # the triggers at least this often with nothing new (clocks)
 MD_POLL_MS = 1.0
 KILL_MANUAL = rk.R_MANUAL  # control-block kill values: the halt reason's code
 KILL_DAILY_LOSS = rk.R_DAILY_LOSS
@@ -280,6 +281,8 @@ class RiskAgent:
         self._drain_handled = False
         self._risk_orders = 0
         self._next_gauges_ns = 0
+        self._changed = True  # something the triggers have not seen yet
+        self._next_eval_ns = 0
         # funding, per symbol: the next funding time (wall ns, 0: none known), the last one
         # booked, and the mark price and rate of the last mark
         self._fund_due = [0] * n
@@ -553,6 +556,7 @@ class RiskAgent:
         events = self._events
         if not events:
             return
+        self._changed = True  # fills move positions: the triggers look again
         if len(events) > 1:
             with self.journal.batch():
                 skip = self._journal_events(events)
@@ -685,8 +689,10 @@ class RiskAgent:
             self._drain_handled = True
         elif not draining:
             self._drain_handled = False
-        if checks.sync_kill(kill, events) and kill:
-            self._held_cancels.clear()
+        if checks.sync_kill(kill, events):
+            self._changed = True
+            if kill:
+                self._held_cancels.clear()
         if events:
             self._publish(mono())
         nt = self._trades_in.read_into(self._trades)
@@ -715,9 +721,14 @@ class RiskAgent:
             self._release_held_cancels(now)
         state = int(ctl[CTL_STATE])
         may_trade = not (kill or draining) and state == schema.CTRL_RUNNING
-        halt = checks.evaluate(now, events, may_trade=may_trade)
-        if halt:
-            self._halt(halt)
+        # the triggers see what changed: market data, events (fills), the control block; and
+        # the clocks (holding time, retries) every EVALUATE_EVERY_NS; an idle pass skips them
+        if nt or nm or nb or self._changed or now >= self._next_eval_ns:
+            self._changed = False
+            self._next_eval_ns = now + EVALUATE_EVERY_NS
+            halt = checks.evaluate(now, events, may_trade=may_trade)
+            if halt:
+                self._halt(halt)
         if checks.risk_orders != self._risk_orders:  # its own holding-time IOCs: orders too
             ints[schema.C_ORDERS] += checks.risk_orders - self._risk_orders
             self._risk_orders = checks.risk_orders

@@ -142,6 +142,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+from numba import njit
 
 from shm import schema
 from stages.config import RiskConfig
@@ -370,6 +371,27 @@ class Bars:
         return self._sum[s] / (n if n < ATR_BARS else ATR_BARS)
 
 
+@njit(cache=True, nogil=True)
+def _book_notional(
+    bid_px: np.ndarray,
+    bid_sz: np.ndarray,
+    n_bid: np.ndarray,
+    ask_px: np.ndarray,
+    ask_sz: np.ndarray,
+    n_ask: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``out[i]``: sum of px * sz over the levels of both sides of book ``i`` (compiled: the
+    numpy expression it replaces cost ~10 us a pass in temporaries, this ~1.5)."""
+    for i in range(bid_px.shape[0]):
+        t = 0.0
+        for k in range(min(n_bid[i], bid_px.shape[1])):
+            t += bid_px[i, k] * bid_sz[i, k]
+        for k in range(min(n_ask[i], ask_px.shape[1])):
+            t += ask_px[i, k] * ask_sz[i, k]
+        out[i] = t
+
+
 # ---------------------------------------------------------------- rate limits
 class VenueLimiter:
     """At most ``rate_per_s`` sends per venue in any window of one second (below 1/s: one per
@@ -459,6 +481,7 @@ class RiskChecks:
         self.risk_orders = 0
         self._held: set[int] = set()
         self._cancels_sent: set[int] = set()  # open orders the engine has sent a cancel for
+        self._liq = np.zeros(64)  # on_books: each book's notional
         self._pause_ns = int(cfg.breaker_pause_s * 1e9)
         self._hold_ns = int(cfg.max_holding_s * 1e9)
         self._spread_frac = cfg.wide_spread_bps * 1e-4
@@ -603,12 +626,20 @@ class RiskChecks:
 
     def on_books(self, books: np.ndarray, now_ns: int) -> None:
         """``on_book`` for each record of a batch (book notional computed for all at once)."""
+        n = len(books)
+        if n > len(self._liq):
+            self._liq = np.zeros(n)
         n_bid, n_ask = books["n_bid"], books["n_ask"]
-        levels = np.arange(schema.BOOK_DEPTH)
-        liquidity = (
-            (books["bid_px"] * books["bid_sz"] * (levels < n_bid[:, None])).sum(axis=1)
-            + (books["ask_px"] * books["ask_sz"] * (levels < n_ask[:, None])).sum(axis=1)
-        ).tolist()
+        _book_notional(
+            books["bid_px"],
+            books["bid_sz"],
+            n_bid,
+            books["ask_px"],
+            books["ask_sz"],
+            n_ask,
+            self._liq,
+        )
+        liquidity = self._liq[:n].tolist()
         n_sym = len(self.paused_until)
         for s, flags, nb, na, bid, ask, liq in zip(
             books["symbol_id"].tolist(),
