@@ -482,6 +482,7 @@ class RiskChecks:
         self._held: set[int] = set()
         self._cancels_sent: set[int] = set()  # open orders the engine has sent a cancel for
         self._liq = np.zeros(64)  # on_books: each book's notional
+        self.on_books(np.zeros(0, schema.BOOK), 0)  # compiled (or loaded) now, not on a tick
         self._pause_ns = int(cfg.breaker_pause_s * 1e9)
         self._hold_ns = int(cfg.max_holding_s * 1e9)
         self._spread_frac = cfg.wide_spread_bps * 1e-4
