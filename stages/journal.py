@@ -100,7 +100,10 @@ with the history; a positions snapshot in the day marks would bound them (not do
 
 Schema (version ``SCHEMA_VERSION``, STRICT tables)
 --------------------------------------------------
-    schema_version(version, created_ns)      one row; another version is refused
+    schema_version(version, created_ns)      one row; version 1 is migrated (adds symbols),
+                                             another version is refused
+    symbols(symbol_id PK, name)              the instrument each symbol id meant when it was
+                                             used (``bind_symbols``)
     orders(order_id PK, symbol_id, side, qty, px, style, tif, origin 'route'|'risk', state,
            filled, new_ns, acked_ns, cancel_ns, done_ns, reason)
     fills(seq PK = journal order, fill_id UNIQUE, order_id, symbol_id, side, qty, px, fee,
@@ -195,7 +198,13 @@ from typing import Final, Literal
 
 from shm import schema
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+_SQL_SYMBOLS: Final = """
+CREATE TABLE symbols (
+    symbol_id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL
+) STRICT
+"""
 NS_PER_DAY: Final = 86_400 * 1_000_000_000
 
 # order states (orders.state)
@@ -295,6 +304,7 @@ CREATE TRIGGER fill_counts AFTER INSERT ON fills BEGIN
     UPDATE orders SET filled = filled + NEW.qty WHERE order_id = NEW.order_id;
 END
 """,
+    _SQL_SYMBOLS,
     f"""
 CREATE VIEW order_status AS
 SELECT CASE
@@ -351,6 +361,10 @@ class JournalSchemaError(JournalError):
 
 class JournalCorrupt(JournalError):
     """The file is not a readable SQLite database, or SQLite finds it damaged."""
+
+
+class JournalSymbolMismatch(JournalError):
+    """The journal's symbol ids name other instruments than this engine's (``bind_symbols``)."""
 
 
 class DuplicateOrder(JournalError):
@@ -696,7 +710,10 @@ class Journal:
             else:
                 row = conn.execute("SELECT version, created_ns FROM schema_version").fetchone()
                 version, created = (row[0], row[1]) if row else (None, 0)
-                if version != SCHEMA_VERSION:
+                if version == 1:  # 1 -> 2: the symbols table (bound at the next start)
+                    conn.execute(_SQL_SYMBOLS)
+                    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                elif version != SCHEMA_VERSION:
                     raise JournalSchemaError(
                         f"journal {self.path} has schema version {version}, this code reads "
                         f"version {SCHEMA_VERSION}: run the engine version that wrote it to "
@@ -731,7 +748,7 @@ class Journal:
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             row = conn.execute("SELECT version, created_ns FROM schema_version").fetchone()
-            if row is None or row[0] != SCHEMA_VERSION:
+            if row is None or row[0] not in (1, SCHEMA_VERSION):
                 raise JournalSchemaError(f"journal {self.path}: schema version {row and row[0]}")
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -1033,6 +1050,28 @@ class Journal:
         now = time.time_ns() if ts_ns is None else ts_ns
         cur = self._conn.execute(_SQL_DAY, (day, realized, fees, funding, unrealized, now))
         return cur.rowcount == 1
+
+    def bind_symbols(self, names: Mapping[int, str]) -> list[int]:
+        """Tie the journal's symbol ids to instruments: ``names`` is this engine's {symbol id:
+        name}. An id the journal knows under another name is refused (``JournalSymbolMismatch``:
+        the positions and orders journaled under it are another instrument's); ids it does not
+        know yet are recorded. Returns the ids the journal knows that ``names`` lacks."""
+        conn = self._reading()
+        known = dict(conn.execute("SELECT symbol_id, name FROM symbols"))
+        moved = {s: (known[s], n) for s, n in names.items() if s in known and known[s] != n}
+        if moved:
+            what = ", ".join(f"id {s}: journal {a!r}, engine {b!r}" for s, (a, b) in moved.items())
+            raise JournalSymbolMismatch(
+                f"journal {self.path} has its positions and orders under other symbols than "
+                f"this engine ({what}): journal ids are positions in [feed] symbols, and that "
+                "list changed. Put it back in the order the journal was written with, or close "
+                "the positions with the old list before changing it; do not delete the journal"
+            )
+        new = [(s, n) for s, n in names.items() if s not in known]
+        if new:
+            with self.batch():
+                self._conn.executemany("INSERT INTO symbols VALUES (?, ?)", new)
+        return sorted(set(known) - set(names))
 
     # ------------------------------------------------------------------ reads
     def highest_order_id(self, origin: Origin | None = None) -> int:

@@ -294,6 +294,7 @@ class RiskAgent:
 
         self.journal = journal = Journal(journal_path(cfg, engine.namespace))
         try:
+            journal.bind_symbols(self.names)  # refuses a journal of another symbol order
             self.positions, rec = rebuild_positions(journal, n)
             risk_ids = journal.highest_order_id("risk") & ~rk.RISK_ORDER_BIT
             self.checks = RiskChecks(
@@ -338,7 +339,7 @@ class RiskAgent:
             ({o.symbol_id for o in rec.open_orders} | {s for s in range(pos.n) if pos.qty[s]})
             - set(self.names)
         )
-        if strays:  # journal ids are positions in [feed] symbols: a changed list moves them
+        if strays:  # the list got shorter: those positions are not traded (nor lost)
             logger.warning(
                 "the journal has positions or open orders in symbols this engine does not list",
                 extra={"symbol_ids": strays, "symbols": self.names, "journal": str(j.path)},

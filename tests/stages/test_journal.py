@@ -453,8 +453,45 @@ def test_refuses_another_schema_version(tmp_path):
     with sqlite3.connect(path) as c:
         c.execute("UPDATE schema_version SET version = 99")
     c.close()
-    with pytest.raises(JournalSchemaError, match=rf"{path}.*schema version 99.*version 1"):
+    with pytest.raises(
+        JournalSchemaError, match=rf"{path}.*schema version 99.*version {jr.SCHEMA_VERSION}"
+    ):
         Journal(path)
+
+
+def test_symbol_ids_are_bound_to_names_and_a_reordered_list_is_refused(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal(path) as j:
+        assert j.bind_symbols({0: "BTC", 1: "ETH"}) == []
+        j.order_new(1, 1, 1, 2.0, 3000.0, 2, 2, 10)
+    with Journal(path) as j:
+        assert j.bind_symbols({0: "BTC", 1: "ETH", 2: "SOL"}) == []  # a symbol added: fine
+        assert j.bind_symbols({0: "BTC"}) == [1, 2]  # a shorter list: the rest is reported
+        with pytest.raises(jr.JournalSymbolMismatch, match=r"id 0: journal 'BTC', engine 'ETH'"):
+            j.bind_symbols({0: "ETH", 1: "BTC"})
+        assert rows(j, "SELECT symbol_id, name FROM symbols") == [
+            (0, "BTC"),
+            (1, "ETH"),
+            (2, "SOL"),
+        ]
+
+
+def test_a_version_1_journal_is_migrated_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal(path) as j:
+        j.order_new(1, 0, 1, 2.0, 100.0, 2, 2, 10)
+        j.fill(1, "1.1", 0, 1, 2.0, 100.0, 0.1, "maker", 11)
+    c = sqlite3.connect(path)  # what version 1 wrote: no symbols table
+    c.execute("DROP TABLE symbols")
+    c.execute("UPDATE schema_version SET version = 1")
+    c.commit()
+    c.close()
+    with Journal.read_only(path) as ro:  # a reader takes version 1 as it is
+        assert ro.rebuild(no_positions).n_fills == 1
+    with Journal(path) as j:
+        assert rows(j, "SELECT version FROM schema_version") == [(jr.SCHEMA_VERSION,)]
+        assert j.bind_symbols({0: "BTC"}) == []
+        assert j.rebuild(no_positions).n_fills == 1
 
 
 def test_refuses_an_sqlite_database_that_is_not_a_journal(tmp_path):

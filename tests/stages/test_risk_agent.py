@@ -783,3 +783,16 @@ def test_trades_and_books_reach_an_order_on_its_way_in_time_order(eng):
     ev = events(eng)
     assert by_kind(ev, schema.EV_FILL) == [] and by_kind(ev, schema.EV_EXPIRED) == [10]
     assert agent.positions.qty[0] == 0.0
+
+
+def test_a_restart_with_the_symbols_in_another_order_is_refused_not_misattributed(eng):
+    eng.symbols[1] = Instrument("ETH", 0.1, 0.001, 10.0).row()
+    agent = make_agent(eng)
+    eng.writer("md_book").offer_array(book(100.0, 101.0, size=5.0))
+    send_order(eng, 10, side=1, qty=1.0, px=102.0)
+    agent.do_work()
+    assert agent.positions.qty[0] == pytest.approx(1.0)
+    kill(agent)
+    eng.symbols[0], eng.symbols[1] = eng.symbols[1].copy(), eng.symbols[0].copy()  # reordered
+    with pytest.raises(jr.JournalSymbolMismatch, match=r"id 0: journal 'BTC', engine 'ETH'"):
+        make_agent(eng)
