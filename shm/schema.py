@@ -86,6 +86,7 @@ REJECT_REASONS: Final = (
     "circuit_breaker",  # the symbol is paused (wide spread, thin book, extreme move)
     "rate_limited",  # the venue's order rate limit
     "min_notional",  # below the symbol's minimum notional
+    "stale_order",  # its tick is older than route.max_signal_age_ms when risk reads it
 )
 REJECT_CODE: Final = {name: i for i, name in enumerate(REJECT_REASONS)}
 

@@ -22,16 +22,22 @@ On every pass, in this order
 0. the wall clock (one ``time.time_ns()``): a funding time passed or UTC midnight (below);
 1. the control block: the supervisor's drain cancels every open order once; the kill field
    is the HALTED state (``hft kill`` writes 1, the engine writes its automatic reason code):
-   a new kill cancels every open order once, a cleared one returns the engine to ACTIVE;
+   a new kill cancels every open order once, a cleared one returns the engine to ACTIVE (or,
+   after an automatic halt, to REDUCING until its cause is gone: ``stages.riskengine``);
 2. market data: trades, marks (funding), books (the paper exchange fills resting orders; the
-   engine updates its 1 s bars and circuit breakers per book), then ``advance`` to now;
-3. cancels held back by the venue's rate limit, as far as the bucket allows;
-4. the triggers (``RiskChecks.evaluate``): a halt is written into the control block's kill
-   field (so route stops sending and the reason survives a restart), REDUCING cancels the
-   orders that would grow a position, holding time sends the engine's own IOCs;
-5. the orders from route: a cancel is journaled, then takes a venue token (or waits for one);
-   a new order is checked, takes a token (else ``rate_limited``), is journaled, then goes to
-   the paper exchange.
+   engine updates its 1 s bars and circuit breakers per book), then ``advance`` to now; with
+   an order on its way to the book, trades and books go in merged by receive time;
+3. cancels held back by the venue's rate limit, as far as the window allows;
+4. the triggers (``RiskChecks.evaluate``), when market data, events or the control block
+   changed and at least every ``EVALUATE_EVERY_NS``: a halt is written into the control
+   block's kill field (so route stops sending and the reason survives a restart), REDUCING
+   cancels the orders that would grow a position, holding time sends the engine's own IOCs;
+5. the orders from route: a cancel is journaled, then takes a venue slot (or waits for one);
+   a new order whose tick is older than ``route.max_signal_age_ms`` is refused
+   ``stale_order`` (it waited in the ring while this stage was down or stalled: the market
+   it was decided on is gone), else it is checked, takes a slot (else ``rate_limited``), is
+   journaled, then goes to the paper exchange;
+6. the pass's write-ahead journal records are flushed into SQLite.
 
 Every reject is published as an event and counted by reason (``hft_order_rejects_total``);
 rate-limited new orders and held-back cancels also count in ``C_RATE_LIMITED``. The trading
@@ -194,6 +200,7 @@ KILL_DAILY_LOSS = rk.R_DAILY_LOSS
 _RATE_LIMITED = schema.REJECT_CODE["rate_limited"]
 _DAILY_LOSS = schema.REJECT_CODE["daily_loss"]
 _UNKNOWN_ORDER = schema.REJECT_CODE["unknown_order"]
+_STALE_ORDER = schema.REJECT_CODE["stale_order"]
 # rejects that come from the venue and close a journaled order (the others are pre-trade
 # rejects of orders never journaled, or an unknown_order answer to a cancel)
 _VENUE_REJECTS = frozenset({schema.REJECT_CODE["post_only_would_cross"]})
@@ -259,6 +266,8 @@ class RiskAgent:
         self._ctl = engine.control
         self._stats = stats
         self._wall = wall_clock
+        # an order whose tick is older than this is refused (stale_order): route's own limit
+        self._max_order_age_ns = round(cfg.route.max_signal_age_ms * 1e6)
         self.exchange = ex = PaperExchange(
             taker_fee_bps=cfg.risk.taker_fee_bps,
             maker_fee_bps=cfg.risk.maker_fee_bps,
@@ -742,6 +751,7 @@ class RiskAgent:
             st = self._stats
             take = checks.limiter.take
             wall_clock = self._wall
+            max_age = self._max_order_age_ns
             for i, rec in enumerate(self._orders[:no].tolist()):
                 o = Order(*rec)
                 t0 = mono()
@@ -769,7 +779,12 @@ class RiskAgent:
                 ):
                     ints[schema.C_DUPLICATES] += 1  # read again after a restart: already acted on
                     continue
-                code = checks.check(o, draining=bool(draining), kill=kill, state=state, now_ns=t0)
+                if 0 < o.recv_ns < t0 - max_age:  # waited in the ring (this stage was down)
+                    code = _STALE_ORDER
+                else:
+                    code = checks.check(
+                        o, draining=bool(draining), kill=kill, state=state, now_ns=t0
+                    )
                 if not code and not take(o.symbol_id, t0):
                     code = _RATE_LIMITED
                     ints[schema.C_RATE_LIMITED] += 1

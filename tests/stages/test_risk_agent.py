@@ -85,7 +85,9 @@ def send_order(
     px: float,
     tif: int = schema.TIF_IOC,
     s: int = 0,
+    age_ms: float = 0.0,
 ) -> None:
+    tick = time.monotonic_ns() - round(age_ms * 1e6)
     buf = bytearray(ORDER_STRUCT.size)
     pack_order(
         buf,
@@ -98,7 +100,7 @@ def send_order(
         px=px,
         qty=qty,
         edge_bps=10.0,
-        trace=(0, 1, 2, 3, 4, 5),
+        trace=(0, *[tick] * 5),
     )
     assert eng.writer("orders").offer(buf)
 
@@ -170,7 +172,7 @@ def send_cancel(eng: Engine, oid: int) -> None:
         px=0.0,
         qty=0.0,
         edge_bps=0.0,
-        trace=(0, 1, 2, 3, 4, 5),
+        trace=(0, *[time.monotonic_ns()] * 5),  # a fresh tick
     )
     assert eng.writer("orders").offer(buf)
 
@@ -796,3 +798,24 @@ def test_a_restart_with_the_symbols_in_another_order_is_refused_not_misattribute
     eng.symbols[0], eng.symbols[1] = eng.symbols[1].copy(), eng.symbols[0].copy()  # reordered
     with pytest.raises(jr.JournalSymbolMismatch, match=r"id 0: journal 'BTC', engine 'ETH'"):
         make_agent(eng)
+
+
+def test_an_order_whose_tick_is_older_than_the_signal_age_limit_is_refused(eng):
+    """After a stall or a restart, orders route sent meanwhile wait in the ring: the market
+    they were decided on is gone, so they are refused, and the cancels among them still go."""
+    agent = make_agent(eng)
+    eng.writer("md_book").offer_array(book(100.0, 101.0, size=5.0))
+    send_order(eng, 10, side=1, qty=1.0, px=99.0, tif=schema.TIF_POST_ONLY)
+    agent.do_work()
+    assert by_kind(events(eng), schema.EV_ACK) == [10]
+    limit = QUIET.route.max_signal_age_ms
+    send_order(eng, 11, side=1, qty=1.0, px=102.0, age_ms=limit + 5)
+    send_order(eng, 12, side=1, qty=1.0, px=102.0, age_ms=limit - 20)
+    send_cancel(eng, 10)
+    agent.do_work()
+    ev = events(eng)
+    assert ev[ev["order_id"] == 11]["reason"].tolist() == [schema.REJECT_CODE["stale_order"]]
+    assert by_kind(ev, schema.EV_FILL) == [12]
+    assert by_kind(ev, schema.EV_CANCELED) == [10]
+    assert rejects(eng, "stale_order") == 1
+    assert jrows(agent.journal, "SELECT order_id FROM orders ORDER BY order_id") == [(10,), (12,)]
