@@ -782,6 +782,8 @@ class RiskAgent:
                 if 0 < o.recv_ns < t0 - max_age:  # waited in the ring (this stage was down)
                     code = _STALE_ORDER
                 else:
+                    # the kill field again: `hft kill` during this pass holds the rest back
+                    kill = kill or int(ctl[CTL_KILL])
                     code = checks.check(
                         o, draining=bool(draining), kill=kill, state=state, now_ns=t0
                     )

@@ -819,3 +819,23 @@ def test_an_order_whose_tick_is_older_than_the_signal_age_limit_is_refused(eng):
     assert by_kind(ev, schema.EV_CANCELED) == [10]
     assert rejects(eng, "stale_order") == 1
     assert jrows(agent.journal, "SELECT order_id FROM orders ORDER BY order_id") == [(10,), (12,)]
+
+
+def test_a_kill_thrown_during_a_pass_holds_back_the_rest_of_its_orders(eng):
+    agent = make_agent(eng)
+    eng.writer("md_book").offer_array(book(100.0, 101.0, size=5.0))
+    agent.do_work()
+    real_check = agent.checks.check
+
+    def check_then_kill(*a: object, **kw: object) -> int:
+        code = real_check(*a, **kw)  # type: ignore[arg-type]
+        eng.control[CTL_KILL] = 1  # `hft kill` lands right after the first order's check
+        return code
+
+    agent.checks.check = check_then_kill  # type: ignore[method-assign]
+    send_order(eng, 10, side=1, qty=1.0, px=102.0)
+    send_order(eng, 11, side=1, qty=1.0, px=102.0)
+    agent.do_work()
+    ev = events(eng)
+    assert by_kind(ev, schema.EV_FILL) == [10]
+    assert ev[ev["order_id"] == 11]["reason"].tolist() == [schema.REJECT_CODE["kill_switch"]]
