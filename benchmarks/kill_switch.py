@@ -56,6 +56,12 @@ def _book() -> np.ndarray:
     return b
 
 
+class _Rejected(RuntimeError):
+    def __init__(self, order_id: int, reason: str) -> None:
+        super().__init__(f"order {order_id} rejected: {reason}")
+        self.reason = reason
+
+
 class _Client:
     """What the route stage does, by hand: orders in, events out."""
 
@@ -99,7 +105,7 @@ class _Client:
                     left.discard(int(e["order_id"]))
                 elif int(e["kind"]) == schema.EV_REJECT and int(e["order_id"]) in left:
                     code = int(e["reason"])
-                    raise RuntimeError(f"order {int(e['order_id'])} rejected: {code}")
+                    raise _Rejected(int(e["order_id"]), schema.REJECT_REASONS[code])
             if left and time.monotonic() > deadline:
                 raise RuntimeError(f"timed out waiting for {len(left)} events of kind {kind}")
         return time.monotonic_ns()
@@ -172,8 +178,17 @@ def run(*, quick: bool) -> dict[str, Any]:
             stderr=log,
         )
         client = _Client(eng)
-        # warm up: the stage is up when it answers
-        client.wait(schema.EV_ACK, {client.send(px=BID - 50)}, timeout_s=60)
+        # warm up: the stage is up when it answers (an order that waited for its start is
+        # refused as stale: send another)
+        for _ in range(100):
+            try:
+                client.wait(schema.EV_ACK, {client.send(px=BID - 50)}, timeout_s=60)
+                break
+            except _Rejected as e:
+                if e.reason != "stale_order":
+                    raise
+        else:
+            raise RuntimeError("the risk stage refused every warm-up order as stale")
         ack: list[int] = []
         for _ in range(rounds):
             t = time.monotonic_ns()
