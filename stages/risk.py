@@ -110,6 +110,8 @@ The supervisor restarts the stage after ``restart_backoff_ms``. Before it reads 
      as sent, handed to the new exchange as an order arriving now; its ACK (or reject, or
      taker fills) is the first route sees;
    - CANCEL_PENDING: restored, and its cancel sent again (route waits for the answer);
+   - any of them while the kill switch (or the drain) is on: not restored but cancelled
+     (journaled cancel-requested, then ``EV_CANCELED``): what the switch would have done;
    - IOC (route's taker orders, the engine's holding-time orders): its moment has passed and
      nothing on the dead exchange can fill it any more: journaled expired and ``EV_EXPIRED``
      published, so route forgets it. A new IOC into a later book would be a trade nobody
@@ -389,10 +391,17 @@ class RiskAgent:
         """Put the journal's open orders into the new paper exchange (module docstring, step 3)."""
         ex, events, n = self.exchange, self._events, self.exchange.n_symbols
         done: list[list[object]] = []
+        killed = bool(self._ctl[CTL_KILL] or self._ctl[CTL_DRAINING])
         for o in rec.open_orders:
             s = o.symbol_id
             if not 0 <= s < n:
                 how = "ignored: unknown symbol"
+            elif killed:  # the kill switch (or the drain) is on: it cancels, nothing goes out
+                self.journal.cancel_requested_ahead(o.order_id, self._wall())
+                events.append(
+                    (o.order_id, s, schema.EV_CANCELED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, now)
+                )
+                how = "cancelled: kill switch on"
             elif o.tif == schema.TIF_IOC:
                 events.append(
                     (o.order_id, s, schema.EV_EXPIRED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, now)

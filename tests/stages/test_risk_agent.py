@@ -839,3 +839,27 @@ def test_a_kill_thrown_during_a_pass_holds_back_the_rest_of_its_orders(eng):
     ev = events(eng)
     assert by_kind(ev, schema.EV_FILL) == [10]
     assert ev[ev["order_id"] == 11]["reason"].tolist() == [schema.REJECT_CODE["kill_switch"]]
+
+
+def test_a_restart_under_the_kill_switch_cancels_the_open_orders_instead_of_sending_them(eng):
+    """Review finding: a restarted stage re-sent its NEW orders before it read the kill field;
+    with no order-entry latency a crossing one traded under the kill switch."""
+    agent = make_agent(eng)
+    eng.writer("md_book").offer_array(book(100.0, 102.0, size=5.0))
+    send_order(eng, 50, side=1, qty=1.0, px=99.0, tif=schema.TIF_POST_ONLY)
+    agent.do_work()
+    # the process died between journaling a crossing order and sending it
+    agent.journal.order_new(
+        51, 0, 1, 1.0, 103.0, schema.STYLE_MAKER_PASSIVE, schema.TIF_GTC, time.time_ns()
+    )
+    kill(agent)
+    eng.control[CTL_KILL] = 1  # `hft kill` while the stage was down
+    again = make_agent(eng)
+    ev = events(eng)
+    assert by_kind(ev, schema.EV_FILL) == []
+    assert sorted(by_kind(ev, schema.EV_CANCELED)) == [50, 51]
+    assert again.exchange.open_ids() == [] and again.positions.qty[0] == 0.0
+    assert jrows(again.journal, "SELECT order_id, state FROM orders ORDER BY order_id") == [
+        (50, jr.CANCELED),
+        (51, jr.CANCELED),
+    ]
