@@ -109,7 +109,9 @@ The supervisor restarts the stage after ``restart_backoff_ms``. Before it reads 
    - NEW (journaled, never acknowledged: we may have died before or after the send): treated
      as sent, handed to the new exchange as an order arriving now; its ACK (or reject, or
      taker fills) is the first route sees;
-   - CANCEL_PENDING: restored, and its cancel sent again (route waits for the answer);
+   - CANCEL_PENDING: cancelled (``EV_CANCELED``; route waits for that answer): the exchange
+     it rested on is gone, and restoring it only to cancel it would leave it a millisecond
+     in which a book could fill it (one never acknowledged may even cross the book);
    - any of them while the kill switch (or the drain) is on: not restored but cancelled
      (journaled cancel-requested, then ``EV_CANCELED``): what the switch would have done;
    - IOC (route's taker orders, the engine's holding-time orders): its moment has passed and
@@ -396,12 +398,13 @@ class RiskAgent:
             s = o.symbol_id
             if not 0 <= s < n:
                 how = "ignored: unknown symbol"
-            elif killed:  # the kill switch (or the drain) is on: it cancels, nothing goes out
-                self.journal.cancel_requested_ahead(o.order_id, self._wall())
+            elif killed or o.state == jr.CANCEL_PENDING:  # the cancel, done here
+                if o.state != jr.CANCEL_PENDING:
+                    self.journal.cancel_requested_ahead(o.order_id, self._wall())
                 events.append(
                     (o.order_id, s, schema.EV_CANCELED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, now)
                 )
-                how = "cancelled: kill switch on"
+                how = "cancelled: kill switch on" if killed else "cancelled: cancel was pending"
             elif o.tif == schema.TIF_IOC:
                 events.append(
                     (o.order_id, s, schema.EV_EXPIRED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, now)
@@ -431,10 +434,6 @@ class RiskAgent:
                     now_ns=now,
                 )
                 how = "restored"
-                if o.state == jr.CANCEL_PENDING:  # already journaled: send it again
-                    self.checks.limiter.spend(s, now)
-                    ex.cancel(o.order_id, recv_ns=now, out=events, now_ns=now)
-                    how = "restored, cancel sent again"
             done.append([o.order_id, s, o.side, o.px, o.remaining, jr.STATE_NAMES[o.state], how])
         return done
 

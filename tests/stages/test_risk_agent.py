@@ -595,7 +595,7 @@ def test_fills_are_never_doubled_by_a_restart_or_a_re_delivery(eng):
     assert third.exchange.resting == {}
 
 
-def test_a_restart_expires_open_iocs_and_sends_pending_cancels_again(eng):
+def test_a_restart_expires_open_iocs_and_completes_pending_cancels(eng):
     cfg = risk_cfg(max_orders_per_s=2.0)
     agent = make_agent(eng, cfg)
     eng.writer("md_book").offer_array(book(100.0, 102.0, size=5.0))
@@ -612,7 +612,7 @@ def test_a_restart_expires_open_iocs_and_sends_pending_cancels_again(eng):
     again = make_agent(eng, cfg)
     ev = events(eng)
     assert by_kind(ev, schema.EV_EXPIRED) == [42], "its moment has passed: route forgets it"
-    assert by_kind(ev, schema.EV_CANCELED) == [40], "the pending cancel, sent again"
+    assert by_kind(ev, schema.EV_CANCELED) == [40], "the pending cancel, done: never restored"
     assert list(again.exchange.resting) == [41]
     assert jrows(again.journal, "SELECT order_id, state FROM orders ORDER BY order_id") == [
         (40, jr.CANCELED),
