@@ -140,9 +140,9 @@ def test_binance_book_from_the_fake_venue_matches_the_venues_own_ticker(make_eng
         r = binance_run(make_engine, venue)
         r.run(20.0, until=venue.finished.is_set)
         r.run(0.5)
+        subs = venue.subscriptions  # what the connected client holds: before it disconnects
         r.agent.on_close()
         assert venue.rest_requests["/fapi/v1/depth"] >= 1
-        subs = venue.subscriptions
     books = r.all_books()
     fresh = books[(books["flags"] & schema.BOOK_STALE) == 0]
     assert len(fresh) > 300, "most of the 489 recorded diffs become books"
