@@ -104,6 +104,7 @@ Schema (version ``SCHEMA_VERSION``, STRICT tables)
                                              another version is refused
     symbols(symbol_id PK, name)              the instrument each symbol id meant when it was
                                              used (``bind_symbols``)
+    ahead_state(flushed)                     one row: the last write-ahead record SQLite holds
     orders(order_id PK, symbol_id, side, qty, px, style, tif, origin 'route'|'risk', state,
            filled, new_ns, acked_ns, cancel_ns, done_ns, reason)
     fills(seq PK = journal order, fill_id UNIQUE, order_id, symbol_id, side, qty, px, fee,
@@ -205,6 +206,11 @@ CREATE TABLE symbols (
     name TEXT NOT NULL
 ) STRICT
 """
+_SQL_AHEAD_STATE: Final = (
+    "CREATE TABLE ahead_state (flushed INTEGER NOT NULL) STRICT",
+    "INSERT INTO ahead_state VALUES (0)",
+)
+_SQL_AHEAD: Final = "UPDATE ahead_state SET flushed = ?"
 NS_PER_DAY: Final = 86_400 * 1_000_000_000
 
 # order states (orders.state)
@@ -305,6 +311,7 @@ CREATE TRIGGER fill_counts AFTER INSERT ON fills BEGIN
 END
 """,
     _SQL_SYMBOLS,
+    *_SQL_AHEAD_STATE,
     f"""
 CREATE VIEW order_status AS
 SELECT CASE
@@ -381,9 +388,9 @@ AHEAD_CANCEL: Final = 2
 _ID_END: Final = 1 << 63  # order ids: SQLite's signed 64-bit INTEGER, positive
 _FLUSH_AT: Final = AHEAD_SLOTS // 2  # pending records that force a flush before the next
 _REC: Final = 64  # bytes per record (and the header)
-# header: magic, version, slots, the journal's created_ns, the last seq flushed to SQLite
+# header: magic, version, slots, the journal's created_ns, reserved (the last record SQLite
+# holds is kept in SQLite, in the transaction that puts the records there)
 _HEAD: Final = struct.Struct("<8sIIqQ")
-_FLUSHED_AT: Final = 24
 # record: seq (stored last; 0 = empty), then the body, which repeats seq at its end
 _SEQ: Final = struct.Struct("<Q")
 # kind side style tif origin, symbol, order id, qty, px, ts, seq
@@ -418,12 +425,16 @@ class AheadLog:
     first and the sequence number in front of it last, so a record cut short by a kill
     still shows the number of the record it overwrote (one SQLite holds already: the ring
     never laps an unflushed record) and is ignored; so is one whose body does not end with
-    its own number. The header keeps the highest sequence number SQLite holds; records above
-    it are replayed into SQLite when the journal is next opened. Two stores, no checksum: the
-    write sits between a tick and its order.
+    its own number. SQLite keeps the highest sequence number it holds (table
+    ``ahead_state``, written in the transaction that puts the records there); records above
+    it are replayed into SQLite when the journal is next opened, and a file holding records
+    above it with a hole among them (a journal older than its file) is refused. Two stores,
+    no checksum: the write sits between a tick and its order.
     """
 
-    def __init__(self, path: Path, journal_created_ns: int, *, sync: bool = False) -> None:
+    def __init__(
+        self, path: Path, journal_created_ns: int, flushed: int, *, sync: bool = False
+    ) -> None:
         self.path = path
         self.sync = sync
         size = _REC * (AHEAD_SLOTS + 1)
@@ -442,8 +453,10 @@ class AheadLog:
             self._mm = mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        magic, version, slots, created, flushed = _HEAD.unpack_from(mm, 0)
+        magic, version, slots, created, _ = _HEAD.unpack_from(mm, 0)
         self.reset_from: int | None = None
+        if magic == bytes(8) and version == slots == created == 0:
+            fresh = True  # a kill while the file was being created or reset: start it again
         if not fresh and (magic, version, slots) != (AHEAD_MAGIC, AHEAD_VERSION, AHEAD_SLOTS):
             mm.close()
             raise JournalCorrupt(
@@ -455,11 +468,19 @@ class AheadLog:
             # a new file, or one left by a journal that was deleted: nothing in it is ours
             if not fresh:
                 self.reset_from = created
-            mm[:] = bytes(size)
+            mm[:] = bytes(size)  # the header first: a kill in between leaves a fresh file
             _HEAD.pack_into(mm, 0, AHEAD_MAGIC, AHEAD_VERSION, AHEAD_SLOTS, journal_created_ns, 0)
-            flushed = 0
-        self.flushed = int(flushed)
-        self.seq = max([self.flushed, *(r.seq for r in self.records())])
+        self.flushed = int(flushed)  # the last record SQLite holds (SQLite says, not this file)
+        seqs = [r.seq for r in self.records() if r.seq > self.flushed]
+        if seqs and seqs != list(range(self.flushed + 1, seqs[-1] + 1)):
+            mm.close()
+            raise JournalCorrupt(
+                f"{path} holds orders the journal does not ({seqs[0]}..{seqs[-1]}) but not all "
+                f"of those after the journal's last ({self.flushed}): the journal is older than "
+                "its write-ahead file (restored from a copy?). Do not trade on it: move both "
+                "aside and reconcile positions and open orders with the venue by hand"
+            )
+        self.seq = seqs[-1] if seqs else self.flushed
 
     def records(self) -> list[Ahead]:
         """Every intact record in the ring, in sequence order (flushed ones included)."""
@@ -504,16 +525,11 @@ class AheadLog:
             mm, off + 8, kind, side, style, tif, origin, symbol_id, order_id, qty, px, ts_ns, seq
         )
         _pack_seq(mm, off, seq)  # last: the record exists from here
+        self.seq = seq
         if self.sync:
             page = off - off % mmap.ALLOCATIONGRANULARITY
-            mm.flush(page, mmap.ALLOCATIONGRANULARITY)
-        self.seq = seq
+            mm.flush(page, min(mmap.ALLOCATIONGRANULARITY, len(mm) - page))
         return seq
-
-    def mark_flushed(self, seq: int) -> None:
-        """SQLite holds every record up to ``seq`` (called after its commit)."""
-        _SEQ.pack_into(self._mm, _FLUSHED_AT, seq)
-        self.flushed = seq
 
     def close(self) -> None:
         self._mm.close()
@@ -671,11 +687,15 @@ class Journal:
         self._conn = conn
         self._exec = conn.cursor().execute  # one cursor for every write: no allocation per call
         self._pending: list[tuple[int, int, tuple[object, ...]]] = []  # (seq, kind, params)
-        self._ahead_commit = 0
-        self.ahead_duplicates = 0  # write-ahead orders SQLite already had (a caller's bug)  # seq SQLite will hold when the open batch commits
+        self._in_tx: list[tuple[int, int, tuple[object, ...]]] = []  # applied, not committed
+        self.ahead_duplicates = 0  # write-ahead orders SQLite already had (a caller's bug)
         try:
+            flushed = conn.execute("SELECT flushed FROM ahead_state").fetchone()[0]
             self._ahead: AheadLog | None = AheadLog(
-                Path(f"{self.path}{AHEAD_SUFFIX}"), self.created_ns, sync=sync != "NORMAL"
+                Path(f"{self.path}{AHEAD_SUFFIX}"),
+                self.created_ns,
+                int(flushed),
+                sync=sync != "NORMAL",
             )
             self.replayed = self._replay()
         except BaseException:
@@ -710,8 +730,12 @@ class Journal:
             else:
                 row = conn.execute("SELECT version, created_ns FROM schema_version").fetchone()
                 version, created = (row[0], row[1]) if row else (None, 0)
-                if version == 1:  # 1 -> 2: the symbols table (bound at the next start)
-                    conn.execute(_SQL_SYMBOLS)
+                if version == 1:  # 1 -> 2: symbols (bound at the next start), ahead_state
+                    if "symbols" not in tables:
+                        conn.execute(_SQL_SYMBOLS)
+                    if "ahead_state" not in tables:
+                        for stmt in _SQL_AHEAD_STATE:
+                            conn.execute(stmt)
                     conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
                 elif version != SCHEMA_VERSION:
                     raise JournalSchemaError(
@@ -762,7 +786,7 @@ class Journal:
         self._conn = conn
         self._exec = conn.cursor().execute
         self._pending = []
-        self._ahead_commit = 0
+        self._in_tx = []
         self.ahead_duplicates = 0
         self._ahead = None
         self.replayed = 0
@@ -806,15 +830,20 @@ class Journal:
             if self._pending:  # the write-ahead records first: later writes may refer to them
                 self._apply_pending()
             yield
+            self._batch_depth = 0
+            self._conn.execute("COMMIT")
         except BaseException:
             self._batch_depth = 0
-            self._ahead_commit = 0
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            # records rolled back are pending again (and still in the write-ahead file)
+            self._pending[:0] = self._in_tx
+            self._in_tx = []
             raise
-        self._batch_depth = 0
-        self._conn.execute("COMMIT")
-        if self._ahead_commit:
-            self._ahead_mark(self._ahead_commit)
+        if self._in_tx:
+            if self._ahead is not None:
+                self._ahead.flushed = self._in_tx[-1][0]
+            self._in_tx = []
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database file now (off the hot path, when idle)."""
@@ -840,6 +869,8 @@ class Journal:
         ahead = self._writable_ahead()
         if side != 1 and side != -1:
             raise ValueError(f"order {order_id} not journaled: side {side} is not 1 or -1")
+        if not (0.0 < qty < math.inf and 0.0 < px < math.inf):
+            raise ValueError(f"order {order_id} not journaled: qty {qty} and px {px} must be > 0")
         if not 0 < order_id < _ID_END:
             raise ValueError(f"order {order_id} not journaled: ids are 1 .. 2^63-1")
         try:
@@ -862,6 +893,12 @@ class Journal:
         except struct.error as e:
             raise ValueError(f"cancel of order {order_id} not journaled: {e}") from e
         self._pending.append((seq, AHEAD_CANCEL, (ts_ns, order_id)))
+
+    @property
+    def ahead_reset_from(self) -> int | None:
+        """The ``created_ns`` of another journal whose write-ahead file this open reset (its
+        journal was deleted or replaced), else None."""
+        return None if self._ahead is None else self._ahead.reset_from
 
     @property
     def pending(self) -> int:
@@ -889,23 +926,23 @@ class Journal:
         return self._ahead
 
     def _apply_pending(self) -> None:
-        """Execute the pending records inside the open transaction (``batch`` commits)."""
+        """Execute the pending records inside the open transaction (``batch`` commits, or
+        puts them back to pending if it rolls back), with the last one's number."""
         x = self._exec
-        for seq, kind, params in self._pending:
+        for rec in self._pending:
+            _seq, kind, params = rec
             if kind == AHEAD_NEW:
                 try:
                     x(_SQL_NEW, params)
-                except sqlite3.IntegrityError:
-                    self.ahead_duplicates += 1
+                except sqlite3.IntegrityError as e:
+                    if e.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                        raise
+                    self.ahead_duplicates += 1  # the caller acted twice on one id
             else:
                 x(_SQL_CANCEL_REQ, params)
-            self._ahead_commit = seq
+            self._in_tx.append(rec)
+        x(_SQL_AHEAD, (self._in_tx[-1][0],))
         self._pending.clear()
-
-    def _ahead_mark(self, seq: int) -> None:
-        if self._ahead is not None:
-            self._ahead.mark_flushed(seq)
-        self._ahead_commit = 0
 
     def _replay(self) -> int:
         """Put the write-ahead records a killed writer left behind into SQLite (at open)."""

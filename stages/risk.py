@@ -295,6 +295,7 @@ class RiskAgent:
         self._risk_orders = 0
         self._next_gauges_ns = 0
         self._changed = True  # something the triggers have not seen yet
+        self._shown_state = (rk.ACTIVE, rk.R_NONE)  # the last state logged
         self._next_eval_ns = 0
         # funding, per symbol: the next funding time (wall ns, 0: none known), the last one
         # booked, and the mark price and rate of the last mark
@@ -371,6 +372,10 @@ class RiskAgent:
             "state rebuilt from the journal",
             extra={
                 "journal": str(j.path),
+                # write-ahead records the dead process left unflushed, put into SQLite now
+                "write_ahead_replayed": j.replayed,
+                # set: the write-ahead file was another (deleted) journal's and was reset
+                "write_ahead_reset_from": j.ahead_reset_from,
                 "orders": rec.n_orders,
                 "fills": rec.n_fills,
                 "funding_payments": rec.n_funding,
@@ -645,6 +650,17 @@ class RiskAgent:
         """The trading state, its reason and the breaker trips, for the exporter and monitor."""
         state, reason = self.checks.published()
         g = self._stats.gauges
+        if (state, reason) != self._shown_state:  # rare: a line for the operator
+            was, self._shown_state = self._shown_state, (state, reason)
+            (logger.warning if state != rk.ACTIVE else logger.info)(
+                "trading state",
+                extra={
+                    "state": rk.STATE_NAMES[state],
+                    "reason": rk.REASONS[reason],
+                    "was": f"{rk.STATE_NAMES[was[0]]} ({rk.REASONS[was[1]]})",
+                    "kill": int(self._ctl[CTL_KILL]),
+                },
+            )
         g[rk.G_TRADING_STATE] = state
         g[rk.G_TRADING_REASON] = reason
         g[rk.G_BREAKER_TRIPS] = self.checks.trips

@@ -758,16 +758,23 @@ class RiskChecks:
                 self.holding.discard(s)
         pnl = pos.realized_total() + unreal
         equity = cfg.account_equity_usd + pnl
-        reason = R_NONE
-        if pnl - self.day_base < -cfg.max_loss_per_day and not unpriced:
-            reason = R_DAILY_LOSS
-        elif biggest > cfg.max_concentration * max(gross, equity):
-            reason = R_CONCENTRATION
-        elif adr_hit:
-            reason = R_ADR_LOSS
-        if reason and not (self.state == REDUCING and reason == self.reason):
+        # every trigger that holds, in priority order; the one the engine is reducing for
+        # after a reset does not halt it again, any other does
+        causes = [
+            r
+            for r, hit in (
+                (R_DAILY_LOSS, pnl - self.day_base < -cfg.max_loss_per_day and not unpriced),
+                (R_CONCENTRATION, biggest > cfg.max_concentration * max(gross, equity)),
+                (R_ADR_LOSS, adr_hit),
+            )
+            if hit
+        ]
+        reducing_for = self.reason if self.state == REDUCING else R_NONE
+        reason = next((r for r in causes if r != reducing_for), R_NONE)
+        if reason:
             self.halt(reason, out)
             return reason
+        reason = reducing_for if reducing_for in causes else R_NONE
         over = gross > cfg.max_leverage * equity
         if self.state == ACTIVE and over:
             self.state, self.reason = REDUCING, R_LEVERAGE

@@ -5,6 +5,7 @@ unopenable journal, and foreign or damaged files are refused."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import random
 import signal
@@ -483,6 +484,7 @@ def test_a_version_1_journal_is_migrated_and_keeps_its_rows(tmp_path):
         j.fill(1, "1.1", 0, 1, 2.0, 100.0, 0.1, "maker", 11)
     c = sqlite3.connect(path)  # what version 1 wrote: no symbols table
     c.execute("DROP TABLE symbols")
+    c.execute("DROP TABLE ahead_state")
     c.execute("UPDATE schema_version SET version = 1")
     c.commit()
     c.close()
@@ -807,9 +809,20 @@ def test_a_damaged_write_ahead_file_is_refused(tmp_path):
     Path(f"{path}{jr.AHEAD_SUFFIX}").write_bytes(b"junk")
     with pytest.raises(JournalCorrupt, match="write-ahead"):
         Journal(path)
-    Path(f"{path}{jr.AHEAD_SUFFIX}").write_bytes(bytes(64 * (jr.AHEAD_SLOTS + 1)))
+    Path(f"{path}{jr.AHEAD_SUFFIX}").write_bytes(b"x" * (64 * (jr.AHEAD_SLOTS + 1)))
     with pytest.raises(JournalCorrupt, match="not a write-ahead file"):
         Journal(path)
+
+
+def test_a_write_ahead_file_cut_short_while_it_was_created_starts_again(tmp_path):
+    """Review finding: a kill between sizing the file and writing its header left a file every
+    later open refused."""
+    path = tmp_path / "j.sqlite"
+    Journal(path).close()
+    Path(f"{path}{jr.AHEAD_SUFFIX}").write_bytes(bytes(64 * (jr.AHEAD_SLOTS + 1)))
+    with Journal(path) as j:
+        j.order_new_ahead(1, 0, 1, 1.0, 100.0, 2, 2, 10)
+        assert j.flush() == 1
 
 
 def test_write_ahead_refuses_what_it_cannot_store(j):
@@ -817,6 +830,9 @@ def test_write_ahead_refuses_what_it_cannot_store(j):
         j.order_new_ahead(1 << 63, 0, 1, 1.0, 100.0, 2, 2, 10)
     with pytest.raises(ValueError, match="side"):
         j.order_new_ahead(1, 0, 0, 1.0, 100.0, 2, 2, 10)
+    for qty, px in ((math.nan, 100.0), (1.0, math.nan), (0.0, 100.0), (1.0, math.inf)):
+        with pytest.raises(ValueError, match="must be > 0"):
+            j.order_new_ahead(1, 0, 1, qty, px, 2, 2, 10)
     with pytest.raises(ValueError, match="not journaled"):
         j.cancel_requested_ahead(-1, 10)
     assert j.pending == 0
@@ -830,3 +846,86 @@ def test_the_ring_never_laps_records_sqlite_does_not_hold(j):
     assert j.pending < jr.AHEAD_SLOTS
     j.flush()
     assert rows(j, "SELECT count(*) FROM orders") == [(jr.AHEAD_SLOTS + 9,)]
+
+
+def test_a_rolled_back_batch_puts_its_write_ahead_records_back(j):
+    """Review finding: a batch that rolled back had taken the pending records with it; the
+    next commit then marked them as in SQLite."""
+    j.order_new_ahead(1, 0, 1, 1.0, 100.0, 2, 2, 10)
+    with pytest.raises(RuntimeError), j.batch():
+        j.order_acked(1, 11)
+        raise RuntimeError("the caller failed mid-batch")
+    assert j.pending == 1 and j.has_order(1)
+    j.order_new_ahead(2, 0, 1, 1.0, 100.0, 2, 2, 12)
+    j.flush()
+    assert rows(j, "SELECT order_id, state FROM orders ORDER BY order_id") == [
+        (1, jr.NEW),
+        (2, jr.NEW),
+    ]
+    assert rows(j, "SELECT flushed FROM ahead_state") == [(2,)]
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails (a full disk, an I/O error)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.fail = conn, True
+
+    def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return self.conn.execute(sql, *a)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_keeps_the_write_ahead_records_pending(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    real = j._conn
+    j._conn = _FailingCommit(real)  # type: ignore[assignment]
+    j.order_new_ahead(1, 0, 1, 1.0, 100.0, 2, 2, 10)
+    with pytest.raises(sqlite3.OperationalError, match="injected"):
+        j.flush()
+    assert j.pending == 1 and not real.in_transaction
+    assert j.flush() == 1
+    j._conn = real
+    j.close()
+    with Journal(path) as j2:
+        assert j2.replayed == 0 and rows(j2, "SELECT order_id FROM orders") == [(1,)]
+
+
+def test_full_sync_writes_every_slot_of_the_ring(tmp_path):
+    """Review finding: msync of the ring's last slot reached past the end of the map."""
+    with Journal(tmp_path / "j.sqlite", synchronous="FULL") as j:
+        for oid in range(1, jr.AHEAD_SLOTS + 5):
+            j.order_new_ahead(oid, 0, 1, 1.0, 100.0, 2, 2, oid)
+            if oid % 100 == 0:
+                j.flush()
+        j.flush()
+        assert rows(j, "SELECT count(*) FROM orders") == [(jr.AHEAD_SLOTS + 4,)]
+
+
+def test_a_journal_restored_from_a_copy_catches_up_from_the_ring_or_is_refused(tmp_path):
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        j.order_new_ahead(1, 0, 1, 1.0, 100.0, 2, 2, 10)
+        j.flush()
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(path.read_bytes())  # closed cleanly: the WAL is checkpointed
+    with Journal(path) as j:
+        for oid in (2, 3):
+            j.order_new_ahead(oid, 0, 1, 1.0, 100.0, 2, 2, oid)
+        j.flush()
+    path.write_bytes(copy.read_bytes())  # the operator restores the copy
+    with Journal(path) as j:
+        assert j.replayed == 2  # what the ring still holds brings it up to date
+        assert rows(j, "SELECT order_id FROM orders") == [(1,), (2,), (3,)]
+        for oid in range(4, jr.AHEAD_SLOTS + 10):  # the ring laps the copy
+            j.order_new_ahead(oid, 0, 1, 1.0, 100.0, 2, 2, oid)
+            j.flush()
+    path.write_bytes(copy.read_bytes())
+    with pytest.raises(JournalCorrupt, match="older than its write-ahead file"):
+        Journal(path)

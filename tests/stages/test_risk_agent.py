@@ -863,3 +863,21 @@ def test_a_restart_under_the_kill_switch_cancels_the_open_orders_instead_of_send
         (50, jr.CANCELED),
         (51, jr.CANCELED),
     ]
+
+
+def test_every_trading_state_change_is_logged_once(eng, caplog):
+    agent = make_agent(eng)
+    eng.writer("md_book").offer_array(book(100.0, 101.0, size=5.0))
+    with caplog.at_level("INFO", logger="stages.risk"):
+        agent.do_work()
+        eng.control[CTL_KILL] = 1
+        agent.do_work()
+        agent.do_work()
+        eng.control[CTL_KILL] = 0
+        agent.do_work()
+    changes = [
+        (r.state, r.reason, r.was)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "trading state"
+    ]
+    assert changes == [("halted", "manual", "active (none)"), ("active", "none", "halted (manual)")]

@@ -753,3 +753,16 @@ def test_reduce_only_accepts_the_exact_close_of_a_position_summed_from_partials(
     rc.state, rc.reason = rk.REDUCING, rk.R_LEVERAGE
     assert check(rc, order(side=-1, px=100.0, qty=62_525.0)) == "none"
     assert check(rc, order(side=-1, px=100.0, qty=62_526.0)) == "reduce_only"
+
+
+def test_reducing_for_a_daily_loss_still_halts_on_concentration() -> None:
+    """Review finding: the daily loss came first in an if/elif chain and hid the others."""
+    rc = setup(max_loss_per_day=1_000.0, max_concentration=0.25, account_equity_usd=100_000.0)
+    rc.pos.apply_fill(1, 1, 70.0, 100.0, 0.0)  # marked at 50: -2,000, $5k
+    out: list[EventTuple] = []
+    assert rc.evaluate(T0, out) == rk.R_DAILY_LOSS
+    rc.sync_kill(0, out)
+    assert rc.evaluate(T0 + 1, out) == 0 and rc.state == rk.REDUCING
+    rc.pos.apply_fill(0, 1, 100.0, 300.0, 0.0)  # $30k in one symbol: over 25%
+    assert rc.evaluate(T0 + 2, out) == rk.R_CONCENTRATION
+    assert (rc.state, rc.reason) == (rk.HALTED, rk.R_CONCENTRATION)
