@@ -688,7 +688,7 @@ class Journal:
         self._exec = conn.cursor().execute  # one cursor for every write: no allocation per call
         self._pending: list[tuple[int, int, tuple[object, ...]]] = []  # (seq, kind, params)
         self._in_tx: list[tuple[int, int, tuple[object, ...]]] = []  # applied, not committed
-        self.ahead_duplicates = 0  # write-ahead orders SQLite already had (a caller's bug)
+        self.ahead_duplicates = 0  # write-ahead orders SQLite already had (counted, skipped)
         try:
             flushed = conn.execute("SELECT flushed FROM ahead_state").fetchone()[0]
             self._ahead: AheadLog | None = AheadLog(
@@ -730,14 +730,16 @@ class Journal:
             else:
                 row = conn.execute("SELECT version, created_ns FROM schema_version").fetchone()
                 version, created = (row[0], row[1]) if row else (None, 0)
-                if version == 1:  # 1 -> 2: symbols (bound at the next start), ahead_state
+                if version in (1, SCHEMA_VERSION):  # 1 -> 2: symbols (bound at the next
+                    # start) and ahead_state (also absent from the first files of version 2)
                     if "symbols" not in tables:
                         conn.execute(_SQL_SYMBOLS)
                     if "ahead_state" not in tables:
                         for stmt in _SQL_AHEAD_STATE:
                             conn.execute(stmt)
-                    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-                elif version != SCHEMA_VERSION:
+                    if version == 1:
+                        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                else:
                     raise JournalSchemaError(
                         f"journal {self.path} has schema version {version}, this code reads "
                         f"version {SCHEMA_VERSION}: run the engine version that wrote it to "

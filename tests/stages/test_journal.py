@@ -929,3 +929,16 @@ def test_a_journal_restored_from_a_copy_catches_up_from_the_ring_or_is_refused(t
     path.write_bytes(copy.read_bytes())
     with pytest.raises(JournalCorrupt, match="older than its write-ahead file"):
         Journal(path)
+
+
+def test_a_version_2_journal_without_ahead_state_gets_it(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal(path) as j:
+        j.order_new(1, 0, 1, 2.0, 100.0, 2, 2, 10)
+    c = sqlite3.connect(path)  # the first version-2 files had no ahead_state table
+    c.execute("DROP TABLE ahead_state")
+    c.commit()
+    c.close()
+    with Journal(path) as j:
+        assert rows(j, "SELECT flushed FROM ahead_state") == [(0,)]
+        assert rows(j, "SELECT order_id FROM orders") == [(1,)]
