@@ -224,6 +224,13 @@ def reject_event(
     return (order_id, symbol_id, schema.EV_REJECT, side, px, 0.0, 0.0, 0.0, 0, reason, recv_ns)
 
 
+def end_event(
+    order_id: int, symbol_id: int, kind: int, side: int, px: float, recv_ns: int
+) -> EventTuple:
+    """The event that ends an order without a fill: ``kind`` EV_CANCELED or EV_EXPIRED."""
+    return (order_id, symbol_id, kind, side, px, 0.0, 0.0, 0.0, 0, 0, recv_ns)
+
+
 @dataclass
 class PaperExchange:
     taker_fee_bps: float  # every symbol's default; set_fees overrides one symbol
@@ -599,7 +606,7 @@ class PaperExchange:
                 oid=order_id, s=s, side=side, limit=px, qty=qty, recv_ns=recv_ns, out=out
             )
             if left > 0:  # the remainder is cancelled
-                out.append((order_id, s, schema.EV_EXPIRED, side, px, 0.0, 0.0, 0.0, 0, 0, recv_ns))
+                out.append(end_event(order_id, s, schema.EV_EXPIRED, side, px, recv_ns))
             return
         crosses = (side > 0 and px >= ask) or (side < 0 and px <= bid)
         if tif == schema.TIF_POST_ONLY and crosses:
@@ -694,9 +701,7 @@ class PaperExchange:
         o = self.resting.pop(order_id, None)
         if o is None:
             return False
-        out.append(
-            (order_id, o.symbol_id, schema.EV_CANCELED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, recv_ns)
-        )
+        out.append(end_event(order_id, o.symbol_id, schema.EV_CANCELED, o.side, o.px, recv_ns))
         return True
 
     def cancel_all(self, *, out: list[EventTuple]) -> int:
@@ -707,9 +712,7 @@ class PaperExchange:
             self._cancel_now(oid, 0, out)
         inflight = list(self._inflight.values())
         for a in inflight:
-            out.append(
-                (a.order_id, a.symbol_id, schema.EV_CANCELED, a.side, a.px, 0.0, 0.0, 0.0, 0, 0, 0)
-            )
+            out.append(end_event(a.order_id, a.symbol_id, schema.EV_CANCELED, a.side, a.px, 0))
         self._inflight.clear()
         self._pending.clear()
         return len(ids) + len(inflight)

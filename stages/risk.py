@@ -180,7 +180,7 @@ from stages.config import REPO_ROOT, Config
 from stages.instruments import read_symbol_table
 from stages.journal import Journal, Recovered
 from stages.orders import EVENT_STRUCT, Order, pack_event
-from stages.paper import EventTuple, PaperExchange, reject_event
+from stages.paper import EventTuple, PaperExchange, end_event, reject_event
 from stages.riskengine import Positions, RiskChecks
 from stages.wiring import CTL_DRAINED, CTL_DRAINING, CTL_KILL, CTL_STATE, Engine
 
@@ -406,14 +406,10 @@ class RiskAgent:
             elif killed or o.state == jr.CANCEL_PENDING:  # the cancel, done here
                 if o.state != jr.CANCEL_PENDING:
                     self.journal.cancel_requested_ahead(o.order_id, self._wall())
-                events.append(
-                    (o.order_id, s, schema.EV_CANCELED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, now)
-                )
+                events.append(end_event(o.order_id, s, schema.EV_CANCELED, o.side, o.px, now))
                 how = "cancelled: kill switch on" if killed else "cancelled: cancel was pending"
             elif o.tif == schema.TIF_IOC:
-                events.append(
-                    (o.order_id, s, schema.EV_EXPIRED, o.side, o.px, 0.0, 0.0, 0.0, 0, 0, now)
-                )
+                events.append(end_event(o.order_id, s, schema.EV_EXPIRED, o.side, o.px, now))
                 how = "expired"
             elif o.state == jr.NEW:
                 ex.submit(

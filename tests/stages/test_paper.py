@@ -6,7 +6,6 @@ The queue model itself, latency and per-symbol fees: test_paper_queue.py.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -14,26 +13,13 @@ import pytest
 from shm import schema
 from stages.paper import EventTuple, PaperExchange
 from tests import books
+from tests.orders import Ev
 
 TAKER_BPS, MAKER_BPS = 4.5, 1.5
 BIDS = [(100.0, 1.0), (99.5, 2.0), (99.0, 3.0)]
 ASKS = [(100.5, 1.0), (101.0, 2.0), (101.5, 3.0)]
 
 Levels = list[tuple[float, float]]
-
-
-class Ev(NamedTuple):
-    order_id: int
-    symbol_id: int
-    kind: int
-    side: int
-    px: float
-    qty: float
-    leaves: float
-    fee: float
-    liquidity: int
-    reason: int
-    recv_ns: int
 
 
 def make_book(

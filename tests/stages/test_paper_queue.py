@@ -20,6 +20,7 @@ import pytest
 from shm import schema
 from stages.paper import EventTuple, PaperExchange
 from tests.books import make_book
+from tests.orders import Ev
 
 TAKER_BPS, MAKER_BPS = 4.5, 1.5
 BIDS = [(100.0, 3.0), (99.9, 4.0), (99.8, 5.0)]
@@ -30,20 +31,6 @@ RECORDING = (
 )
 
 Levels = list[tuple[float, float]]
-
-
-class Ev(NamedTuple):
-    order_id: int
-    symbol_id: int
-    kind: int
-    side: int
-    px: float
-    qty: float
-    leaves: float
-    fee: float
-    liquidity: int
-    reason: int
-    recv_ns: int
 
 
 class Sim:

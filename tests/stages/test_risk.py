@@ -14,6 +14,7 @@ from stages.orders import Order
 from stages.paper import EventTuple, PaperExchange
 from stages.risk import Positions, RiskChecks
 from tests import books
+from tests.orders import order
 
 Levels = list[tuple[float, float]]
 CODE = schema.REJECT_CODE
@@ -137,30 +138,6 @@ CFG = RiskConfig(
 )
 MARK0 = (100.0 + 100.5) / 2
 MARK1 = (50.0 + 50.1) / 2
-
-
-def order(**kw: Any) -> Order:
-    base: dict[str, Any] = {
-        "order_id": 1,
-        "symbol_id": 0,
-        "action": schema.ACTION_NEW,
-        "style": schema.STYLE_MAKER_PASSIVE,
-        "tif": schema.TIF_POST_ONLY,
-        "pad0": 0,
-        "side": schema.SIDE_BUY,
-        "pad1": 0,
-        "px": 100.0,
-        "qty": 1.0,
-        "edge_bps": 6.0,
-        "exch_ns": 0,
-        "recv_ns": 0,
-        "ingest_ns": 0,
-        "feature_ns": 0,
-        "inference_ns": 0,
-        "route_ns": 0,
-    }
-    base.update(kw)
-    return Order(**base)
 
 
 def setup_checks() -> RiskChecks:

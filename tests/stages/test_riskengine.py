@@ -16,6 +16,7 @@ from stages.orders import Order
 from stages.paper import EventTuple, PaperExchange
 from stages.riskengine import Bars, Positions, RiskChecks, VenueLimiter
 from tests import books
+from tests.orders import order
 
 S = 1_000_000_000  # one second in ns
 T0 = 1_000 * S
@@ -32,30 +33,6 @@ def cfg(**kw: Any) -> RiskConfig:
     }
     base.update(kw)
     return RiskConfig(**base)
-
-
-def order(**kw: Any) -> Order:
-    base: dict[str, Any] = {
-        "order_id": 1,
-        "symbol_id": 0,
-        "action": schema.ACTION_NEW,
-        "style": schema.STYLE_MAKER_PASSIVE,
-        "tif": schema.TIF_POST_ONLY,
-        "pad0": 0,
-        "side": schema.SIDE_BUY,
-        "pad1": 0,
-        "px": 100.0,
-        "qty": 1.0,
-        "edge_bps": 6.0,
-        "exch_ns": 0,
-        "recv_ns": 0,
-        "ingest_ns": 0,
-        "feature_ns": 0,
-        "inference_ns": 0,
-        "route_ns": 0,
-    }
-    base.update(kw)
-    return Order(**base)
 
 
 def book(
